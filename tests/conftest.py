@@ -1,0 +1,7 @@
+"""Shared pytest fixtures. Each area keeps its fixtures in its own plugin module."""
+
+pytest_plugins = [
+    "tests.fixtures_models",
+    "tests.fixtures_redis",
+    "tests.fixtures_engine",
+]
