@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/lens-serve demo
 
 proto: install
-	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
 	  --mypy_out=. --mypy_grpc_out=. protos/lens_serve/v1/lens_serve.proto
 
 format: install
