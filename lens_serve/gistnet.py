@@ -1,0 +1,203 @@
+"""GistNet: what stands for a block in the working context.
+
+One interface, three kinds:
+- `tokens`: training-free. A gist is `rows` of the block's own tokens, the ones with the highest
+  BPE merge rank (a later merge is a longer, rarer piece of text, so it carries more of the block's
+  content), kept in text order. A frozen model reads real tokens, so this is never worse than
+  dropping the block; it is the default until a trained GistNet is published.
+- `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
+  1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
+- `transformer`: small trainable soft gists (learned queries attending over the children); its
+  distillation through the frozen model is a separate trainer job.
+
+For LOD1 the children are a block's `block_size` token rows; for LOD k>1 they are the `rows` rows
+of each of `block_size` child gists. Every kind returns `rows` rows per gist plus, per row, the
+token id it shows (-1 for a soft row).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lens_serve import checkpoint
+
+GistKind = Literal["tokens", "mean", "transformer"]
+GIST_KINDS: tuple[GistKind, ...] = ("tokens", "mean", "transformer")
+CHECKPOINT_STEM = "gistnet"
+
+
+@dataclass(frozen=True)
+class GistNetConfig:
+    kind: GistKind = "tokens"
+    """Which representation (see the module docstring)."""
+    block_size: int = 32
+    """Children per gist: tokens per LOD1 gist, gists per LOD2 gist."""
+    rows: int = 1
+    """Working-context rows per gist. The budget counts rows, so more rows = less compression."""
+    hidden_size: int = 576
+    """The base model's embedding width."""
+    width: int = 256
+    """transformer only: internal width."""
+    layers: int = 2
+    """transformer only: self-attention layers."""
+    heads: int = 4
+    """transformer only: attention heads."""
+    seed: int = 0
+    """transformer only: initialisation seed."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GIST_KINDS:
+            raise ValueError(f"gist kind must be one of {GIST_KINDS}, got {self.kind!r}")
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if not 1 <= self.rows <= self.block_size or self.block_size % self.rows:
+            raise ValueError(f"rows must divide block_size {self.block_size}, got {self.rows}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+
+
+class Gists(NamedTuple):
+    token_ids: torch.Tensor  # (N, R) int64: the token a row shows, -1 for a soft row
+    embeds: torch.Tensor  # (N, R, D)
+
+
+class GistNet(nn.Module):
+    """Base class: `forward(child_ids, child_embeds) -> Gists`."""
+
+    def __init__(self, config: GistNetConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        """child_ids (N, C) int64 (-1 = soft row), child_embeds (N, C, D) -> R rows per gist."""
+        raise NotImplementedError
+
+    @property
+    def version(self) -> str:
+        """Content-addressed: a tree built with one version is never mixed with another's gists."""
+        return checkpoint.content_version(
+            f"gist-{self.config.kind}", self.config, checkpoint.weights_bytes(self)
+        )
+
+
+class TokenGistNet(GistNet):
+    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        rows = self.config.rows
+        n, c = child_ids.shape
+        # Rank by BPE merge rank; among equal ids the later position wins (index added as a
+        # fraction < 1 keeps the order of ids). Soft rows (-1) are never chosen.
+        position = torch.arange(c, dtype=torch.float64) / c  # (C,)
+        score = child_ids.to(torch.float64) + position  # (N, C)
+        chosen = score.topk(rows, dim=1).indices.sort(dim=1).values  # (N, R), text order
+        ids = child_ids.gather(1, chosen)  # (N, R)
+        d = child_embeds.shape[-1]
+        embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, rows, d))  # (N, R, D)
+        return Gists(ids, embeds)
+
+
+class MeanGistNet(GistNet):
+    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        n, c, d = child_embeds.shape
+        rows = self.config.rows
+        groups = child_embeds.reshape(n, rows, c // rows, d)  # (N, R, C/R, D)
+        embeds = groups.float().mean(dim=2).to(child_embeds.dtype)  # (N, R, D)
+        ids = torch.full((n, rows), -1, dtype=torch.long)
+        return Gists(ids, embeds)
+
+
+class _Block(nn.Module):
+    """Pre-norm non-causal self-attention + MLP."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, w = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(w, dim=-1)  # 3 x (B, T, W)
+        q, k, v = (z.view(b, t, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, W/H)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, w))
+        out: torch.Tensor = x + self.mlp(self.norm2(x))
+        return out
+
+
+class TransformerGistNet(GistNet):
+    """Learned queries read the children; outputs are rescaled to the children's mean row norm,
+    because the base model expects input rows of token-embedding scale."""
+
+    def __init__(self, config: GistNetConfig) -> None:
+        super().__init__(config)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(config.seed)
+        try:
+            c, w = config.block_size * config.rows, config.width
+            self.inp = nn.Linear(config.hidden_size, w)
+            self.child_pos = nn.Parameter(torch.randn(c, w) * 0.02)  # (C, W)
+            self.queries = nn.Parameter(torch.randn(config.rows, w) * 0.02)  # (R, W)
+            self.blocks = nn.ModuleList(_Block(w, config.heads) for _ in range(config.layers))
+            self.norm = nn.LayerNorm(w)
+            self.out = nn.Linear(w, config.hidden_size)
+        finally:
+            torch.random.set_rng_state(generator_state)
+
+    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        n, c, _ = child_embeds.shape
+        rows = self.config.rows
+        x = child_embeds.float()  # (N, C, D)
+        h = self.inp(x) + self.child_pos[:c]  # (N, C, W)
+        h = torch.cat([self.queries.expand(n, rows, -1), h], dim=1)  # (N, R + C, W)
+        for block in self.blocks:
+            h = block(h)
+        out = self.out(self.norm(h[:, :rows]))  # (N, R, D)
+        target_norm = x.norm(dim=-1).mean(dim=1, keepdim=True).unsqueeze(-1)  # (N, 1, 1)
+        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target_norm
+        ids = torch.full((n, rows), -1, dtype=torch.long)
+        return Gists(ids, out.to(child_embeds.dtype))
+
+
+_KINDS: dict[str, type[GistNet]] = {
+    "tokens": TokenGistNet,
+    "mean": MeanGistNet,
+    "transformer": TransformerGistNet,
+}
+
+
+def build_gistnet(config: GistNetConfig) -> GistNet:
+    net = _KINDS[config.kind](config)
+    net.eval()
+    return net
+
+
+def save_gistnet(net: GistNet, directory: Path) -> None:
+    checkpoint.write_files(directory, CHECKPOINT_STEM, net.config, checkpoint.weights_bytes(net))
+
+
+def load_gistnet(directory: Path) -> GistNet:
+    raw, weights = checkpoint.read_files(directory, CHECKPOINT_STEM)
+    return gistnet_from_bytes(raw, weights)
+
+
+def gistnet_from_bytes(raw_config: dict[str, object], weights: bytes) -> GistNet:
+    net = build_gistnet(checkpoint.config_from_dict(GistNetConfig, raw_config))
+    checkpoint.load_state(net, weights)
+    return net
+
+
+def compression(config: GistNetConfig, lod: int) -> float:
+    """Tokens covered per working-context row by one gist at `lod` (>= 1)."""
+    return math.pow(config.block_size, lod) / config.rows

@@ -1,0 +1,128 @@
+"""Every policy holds every DESIGN §2 invariant, for random lifetimes, budgets, tails and scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from lens_serve.allocator import FocusState
+from lens_serve.assembly import assemble, shown_token_ids
+from lens_serve.context import check_invariants, coarsest_tiling
+from lens_serve.errors import InvalidRequest
+from lens_serve.policies import POLICIES
+from tests.core_helpers import chooser, make_tree, node_counts
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(
+    lifetime=st.integers(0, 3000),
+    budget=st.integers(2, 400),
+    tail=st.integers(0, 120),
+    block_size=st.sampled_from([2, 4, 8]),
+    rows=st.sampled_from([1, 2]),
+    policy=st.sampled_from(POLICIES),
+    seed=st.integers(0, 2**16),
+)
+def test_policy_holds_invariants_for_random_inputs(
+    lifetime: int, budget: int, tail: int, block_size: int, rows: int, policy: str, seed: int
+) -> None:
+    assume(tail < budget)
+    tree = make_tree(lifetime, block_size, rows, seed=seed % 7)
+    coarse = coarsest_tiling(lifetime, tail, tree.levels, block_size, rows)
+    needs_whole = policy in ("lens", "uniform", "random")
+    expect_error = (needs_whole and coarse.rows > budget) or (
+        policy == "full" and lifetime > budget
+    )
+    chooser_ = chooser(seed)
+    if expect_error:
+        with pytest.raises(InvalidRequest, match="wc_budget"):
+            chooser_.choose(tree, policy, budget, tail, seed=seed)
+        return
+    wc = chooser_.choose(tree, policy, budget, tail, seed=seed).working_context
+    check_invariants(wc, budget, tail, node_counts(tree))
+    if needs_whole or policy == "full":
+        assert wc.start == 0  # these cover the whole lifetime
+    embeds = assemble(tree, wc)
+    assert embeds.shape == (wc.rows, tree.table.hidden_size)
+    # Raw rows are exactly the tokens they stand for.
+    shown = shown_token_ids(tree, wc)
+    raw_rows = np.cumsum(wc.entry_rows)[wc.lods == 0] - 1
+    assert np.array_equal(shown[raw_rows], tree.tokens()[wc.starts[wc.lods == 0]])
+
+
+@SETTINGS
+@given(
+    lifetime=st.integers(200, 2500),
+    growth=st.lists(st.integers(1, 150), min_size=1, max_size=5),
+    budget=st.integers(120, 500),
+    tail=st.integers(0, 60),
+    seed=st.integers(0, 2**16),
+)
+def test_lens_policy_continuing_a_session_holds_invariants(
+    lifetime: int, growth: list[int], budget: int, tail: int, seed: int
+) -> None:
+    tree = make_tree(lifetime, block_size=4, seed=seed % 5)
+    chooser_ = chooser(seed)
+    assume(coarsest_tiling(lifetime + sum(growth), tail, 9, 4, 1).rows <= budget // 2)
+    state: FocusState | None = None
+    rng = np.random.default_rng(seed)
+    for step in [0, *growth]:
+        tree.append(rng.integers(0, 512, step))
+        choice = chooser_.choose(tree, "lens", budget, tail, state=state)
+        check_invariants(choice.working_context, budget, tail, node_counts(tree))
+        assert choice.working_context.start == 0
+        state = choice.focus
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_is_deterministic_for_same_inputs(policy: str) -> None:
+    tree = make_tree(1500, block_size=4)
+    first = chooser(3).choose(tree, policy, 1600 if policy == "full" else 300, 20, seed=9)
+    second = chooser(3).choose(tree, policy, 1600 if policy == "full" else 300, 20, seed=9)
+    assert first.working_context.signature() == second.working_context.signature()
+
+
+def test_random_policy_differs_across_seeds() -> None:
+    tree = make_tree(3000, block_size=4)
+    a = chooser().choose(tree, "random", 300, 20, seed=1).working_context
+    b = chooser().choose(tree, "random", 300, 20, seed=2).working_context
+    assert a.signature() != b.signature()
+
+
+@pytest.mark.parametrize(
+    ("budget", "tail", "field"),
+    [(0, 0, "wc_budget"), (10, 10, "wc_budget"), (10, 20, "wc_budget"), (10, -1, "tail")],
+)
+def test_invalid_budget_or_tail_raises_naming_the_field(budget: int, tail: int, field: str) -> None:
+    tree = make_tree(100)
+    with pytest.raises(InvalidRequest, match=field) as raised:
+        chooser().choose(tree, "lens", budget, tail)
+    assert raised.value.field == field
+
+
+def test_unknown_policy_raises_naming_the_field() -> None:
+    with pytest.raises(InvalidRequest, match="policy"):
+        chooser().choose(make_tree(100), "smart", 64, 8)
+
+
+def test_budget_below_coarsest_tiling_names_the_minimum() -> None:
+    tree = make_tree(5000, block_size=4)
+    with pytest.raises(InvalidRequest, match="at least"):
+        chooser().choose(tree, "lens", 40, 30)
+
+
+def test_recency_keeps_the_newest_budget_tokens() -> None:
+    tree = make_tree(1000)
+    wc = chooser().choose(tree, "recency", 256, 16).working_context
+    assert wc.rows == 256 and wc.start == 1000 - 256 and wc.gist_covered_tokens == 0
+
+
+def test_uniform_uses_one_level_for_older_text() -> None:
+    tree = make_tree(4096, block_size=4)
+    wc = chooser().choose(tree, "uniform", 1100, 16).working_context
+    old = wc.lods[wc.ends <= 4096 - 16 - 4]
+    assert set(old.tolist()) == {1}  # 4096 / 4 = 1024 LOD1 gists fit in 1100 rows
