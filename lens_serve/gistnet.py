@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_serve import checkpoint
+from lens_serve.embedding import EmbeddingTable
 
 GistKind = Literal["tokens", "mean", "transformer"]
 GIST_KINDS: tuple[GistKind, ...] = ("tokens", "mean", "transformer")
@@ -79,6 +80,12 @@ class GistNet(nn.Module):
         """child_ids (N, C) int64 (-1 = soft row), child_embeds (N, C, D) -> R rows per gist."""
         raise NotImplementedError
 
+    def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
+        """LOD1 gists of blocks of token ids (N, B). Kinds that need only some children's
+        embeddings override this: ingest speed is dominated by embedding lookups."""
+        gists: Gists = self(token_ids, table(token_ids))
+        return gists
+
     @property
     def version(self) -> str:
         """Content-addressed: a tree built with one version is never mixed with another's gists."""
@@ -88,18 +95,25 @@ class GistNet(nn.Module):
 
 
 class TokenGistNet(GistNet):
-    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
-        rows = self.config.rows
-        n, c = child_ids.shape
+    def _chosen(self, child_ids: torch.Tensor) -> torch.Tensor:
+        """(N, C) ids -> (N, R) positions of the shown tokens, in text order."""
+        c = child_ids.shape[1]
         # Rank by BPE merge rank; among equal ids the later position wins (index added as a
         # fraction < 1 keeps the order of ids). Soft rows (-1) are never chosen.
         position = torch.arange(c, dtype=torch.float64) / c  # (C,)
         score = child_ids.to(torch.float64) + position  # (N, C)
-        chosen = score.topk(rows, dim=1).indices.sort(dim=1).values  # (N, R), text order
+        return score.topk(self.config.rows, dim=1).indices.sort(dim=1).values  # (N, R)
+
+    def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        chosen = self._chosen(child_ids)  # (N, R)
         ids = child_ids.gather(1, chosen)  # (N, R)
-        d = child_embeds.shape[-1]
+        n, rows, d = *chosen.shape, child_embeds.shape[-1]
         embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, rows, d))  # (N, R, D)
         return Gists(ids, embeds)
+
+    def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
+        ids = token_ids.gather(1, self._chosen(token_ids))  # (N, R)
+        return Gists(ids, table(ids))  # only the shown tokens are embedded
 
 
 class MeanGistNet(GistNet):
@@ -110,6 +124,14 @@ class MeanGistNet(GistNet):
         embeds = groups.float().mean(dim=2).to(child_embeds.dtype)  # (N, R, D)
         ids = torch.full((n, rows), -1, dtype=torch.long)
         return Gists(ids, embeds)
+
+    def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
+        n, b = token_ids.shape
+        rows = self.config.rows
+        groups = token_ids.reshape(n * rows, b // rows)  # (N*R, B/R): one bag per row
+        embeds = F.embedding_bag(groups, table.weight, mode="mean")  # (N*R, D), no (N, B, D)
+        ids = torch.full((n, rows), -1, dtype=torch.long)
+        return Gists(ids, embeds.view(n, rows, -1))
 
 
 class _Block(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNet
+from lens_serve.gistnet import GistNet, Gists
 
 # Blocks gisted per GistNet call: bounds peak memory of one call (~40 MB of bf16 children at
 # D = 576) while keeping calls large enough to amortise Python overhead.
@@ -105,26 +105,23 @@ class LifetimeTree:
             target = self._levels[level - 1]
             for start in range(target.count, complete, _GIST_BATCH):
                 stop = min(start + _GIST_BATCH, complete)
-                ids, embeds = self._children(level, start, stop)
                 with torch.inference_mode():
-                    gists = self.gistnet(ids, embeds)
+                    gists = self._gist(level, start, stop)
                 target.token_ids.extend(gists.token_ids)
                 target.embeds.extend(gists.embeds)
             level += 1
 
-    def _children(self, level: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs of nodes [start, stop) at `level`: ids (N, C), embeds (N, C, D)."""
+    def _gist(self, level: int, start: int, stop: int) -> Gists:
+        """Gists of nodes [start, stop) at `level` from their children."""
         b, n = self.block_size, stop - start
         if level == 1:
             ids = torch.from_numpy(self._tokens[start * b : stop * b].astype(np.int64))
-            ids = ids.view(n, b)  # (N, B)
-            return ids, self.table(ids)  # (N, B), (N, B, D)
+            return self.gistnet.from_tokens(ids.view(n, b), self.table)  # blocks (N, B)
         below = self._levels[level - 2]
-        ids = below.token_ids.data[start * b : stop * b]  # (N * B, R)
-        embeds = below.embeds.data[start * b : stop * b]  # (N * B, R, D)
-        return ids.reshape(n, -1), embeds.reshape(
-            n, b * self.gist_rows, -1
-        )  # (N, B*R), (N, B*R, D)
+        ids = below.token_ids.data[start * b : stop * b].reshape(n, -1)  # (N, B*R)
+        embeds = below.embeds.data[start * b : stop * b]  # (N*B, R, D)
+        gists: Gists = self.gistnet(ids, embeds.reshape(n, b * self.gist_rows, -1))  # (N, B*R, D)
+        return gists
 
     # -- queries --------------------------------------------------------------------------------
 

@@ -36,9 +36,9 @@ class _PolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Policy.ValueTy
     POLICY_RECENCY: _Policy.ValueType  # 2
     """The newest `wc_budget` tokens, raw; older text dropped."""
     POLICY_UNIFORM: _Policy.ValueType  # 3
-    """Older text at the coarsest level of detail that fits the budget."""
+    """All older text at one level of detail: the finest at which the whole lifetime fits."""
     POLICY_RANDOM: _Policy.ValueType  # 4
-    """Random legal collapse/expand edits (seeded); a sanity baseline."""
+    """A random legal tiling of the whole lifetime (seeded by sampling.seed); a sanity baseline."""
     POLICY_FULL: _Policy.ValueType  # 5
     """Everything raw; only valid when the whole lifetime fits the model."""
 
@@ -52,9 +52,9 @@ POLICY_LENS: Policy.ValueType  # 1
 POLICY_RECENCY: Policy.ValueType  # 2
 """The newest `wc_budget` tokens, raw; older text dropped."""
 POLICY_UNIFORM: Policy.ValueType  # 3
-"""Older text at the coarsest level of detail that fits the budget."""
+"""All older text at one level of detail: the finest at which the whole lifetime fits."""
 POLICY_RANDOM: Policy.ValueType  # 4
-"""Random legal collapse/expand edits (seeded); a sanity baseline."""
+"""A random legal tiling of the whole lifetime (seeded by sampling.seed); a sanity baseline."""
 POLICY_FULL: Policy.ValueType  # 5
 """Everything raw; only valid when the whole lifetime fits the model."""
 Global___Policy: _TypeAlias = Policy  # noqa: Y015

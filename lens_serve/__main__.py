@@ -1,0 +1,8 @@
+"""``python -m lens_serve``: the same command line as ``lens-serve``."""
+
+import sys
+
+from lens_serve.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Server settings: every field is also an environment variable `LENS_<FIELD>`; CLI flags override.
+
+Bad combinations are refused at start-up with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from lens_serve.gistnet import GIST_KINDS
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LENS_", frozen=True, extra="forbid")
+
+    model: str = "smollm2-135m"
+    """Model name (`tiny`, `smollm2-135m`, prepared by `lens-serve models prepare`) or directory."""
+    models_dir: Path | None = None
+    """Where prepared models live (default: ./models)."""
+    host: str = "127.0.0.1"
+    """Interface the gRPC server binds."""
+    port: int = Field(50051, ge=0, le=65535)
+    """gRPC port; 0 picks a free one (printed in the `listening on` line)."""
+    redis_url: str = ""
+    """Redis for sessions, preferences and weights; empty starts a private redis-server."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Prometheus /metrics port; 0 disables the endpoint."""
+
+    wc_budget: int = Field(1024, ge=2)
+    """Default working-context budget in rows (requests may ask for another)."""
+    max_wc_budget: int = Field(4096, ge=2)
+    """Largest budget a request may ask for (bounded by the engine's max_model_len too)."""
+    tail: int = Field(128, ge=0)
+    """Newest tokens always shown raw; must be below every budget."""
+    block_size: int = Field(32, ge=2)
+    """Tokens per LOD1 gist, gists per LOD2 gist."""
+    gist_kind: str = "tokens"
+    """GistNet kind: tokens (training-free default), mean, transformer."""
+    gist_rows: int = Field(1, ge=1)
+    """Working-context rows per gist."""
+    lens_seed: int = 0
+    """Seed of the initial LensNet when Redis names no published version."""
+
+    max_tokens: int = Field(256, ge=1)
+    """Default completion length when a request leaves max_tokens at 0."""
+    max_completion_tokens: int = Field(4096, ge=1)
+    """Largest max_tokens a request may ask for."""
+    max_concurrency: int = Field(32, ge=1)
+    """Generate/Score calls in flight; more are refused with RESOURCE_EXHAUSTED."""
+    max_session_tokens: int = Field(2_000_000, ge=1)
+    """Lifetime tokens a session may hold."""
+    session_ttl_s: int = Field(7 * 24 * 3600, ge=1)
+    """Sessions expire this long after their last append."""
+    tree_cache_bytes: int = Field(2 << 30, ge=0)
+    """In-memory budget for cached session trees (least recently used are dropped)."""
+    max_message_bytes: int = Field(16 << 20, ge=1024)
+    """Largest gRPC message accepted or sent."""
+    drain_seconds: float = Field(30.0, ge=0)
+    """On SIGTERM: how long in-flight streams may finish before they are cancelled."""
+
+    max_model_len: int = Field(8192, ge=16)
+    """Engine context length (prompt rows + completion)."""
+    dtype: str = "bfloat16"
+    """Engine dtype."""
+    kv_cache_gib: float = Field(4.0, gt=0)
+    """CPU engines: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """GPU engines: share of GPU memory vLLM may take."""
+    enforce_eager: bool = False
+    """Skip torch.compile / CUDA graphs (faster start, slower decode)."""
+
+    tls_cert: Path | None = None
+    """PEM certificate chain; with tls_key enables TLS."""
+    tls_key: Path | None = None
+    """PEM private key for tls_cert."""
+    api_tokens: str = ""
+    """Comma-separated bearer tokens accepted by LensServe; empty disables auth (local use)."""
+    admin_token: str = ""
+    """Bearer token for LensAdmin; empty disables the admin service."""
+
+    shadow_rate: float = Field(0.0, ge=0, le=1)
+    """Fraction of requests that get shadow variants scored and logged."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.tail >= self.wc_budget:
+            raise ValueError(f"tail ({self.tail}) must be below wc_budget ({self.wc_budget})")
+        if self.wc_budget > self.max_wc_budget:
+            raise ValueError(f"wc_budget ({self.wc_budget}) exceeds max_wc_budget")
+        if self.max_wc_budget >= self.max_model_len:
+            raise ValueError(
+                f"max_wc_budget ({self.max_wc_budget}) must leave room for completions "
+                f"below max_model_len ({self.max_model_len})"
+            )
+        if self.gist_kind not in GIST_KINDS:
+            raise ValueError(f"gist_kind must be one of {GIST_KINDS}, got {self.gist_kind!r}")
+        if self.block_size % self.gist_rows:
+            raise ValueError(f"gist_rows ({self.gist_rows}) must divide block_size")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def tokens(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.api_tokens.split(",") if t.strip())
+
+    def non_defaults(self) -> dict[str, object]:
+        """Fields that differ from their defaults (logged once at start-up; secrets masked)."""
+        out: dict[str, object] = {}
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value != info.default:
+                out[name] = "***" if name in ("api_tokens", "admin_token") else value
+        return out
