@@ -1,0 +1,57 @@
+"""Every Prometheus metric lens-serve exports, and nothing else (lens_<area>_<thing>_<unit>)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+RPC_LATENCY_SECONDS = Histogram(
+    "lens_rpc_latency_seconds",
+    "Wall time of an RPC, by method",
+    ["method"],
+    buckets=_LATENCY_BUCKETS,
+)
+RPC_ERRORS_TOTAL = Counter(
+    "lens_rpc_errors_total",
+    "RPCs that ended in an error, by method and status code",
+    ["method", "code"],
+)
+RPCS_IN_FLIGHT = Gauge("lens_rpcs_in_flight", "Generate and Score calls running now")
+TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
+    "lens_generate_time_to_first_token_seconds",
+    "From request arrival to the first streamed token",
+    buckets=_LATENCY_BUCKETS,
+)
+WC_CHOICE_SECONDS = Histogram(
+    "lens_wc_choice_seconds",
+    "Time to choose a working context, by policy",
+    ["policy"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+WC_ROWS = Histogram(
+    "lens_wc_rows",
+    "Working-context rows per request",
+    buckets=(64, 128, 256, 512, 1024, 2048, 4096),
+)
+WC_COMPRESSION_RATIO = Histogram(
+    "lens_wc_compression_ratio",
+    "Lifetime tokens covered per working-context row",
+    buckets=(1, 1.5, 2, 4, 8, 16, 32, 64, 256, 1024),
+)
+WC_CACHED_ROWS_TOTAL = Counter(
+    "lens_wc_cached_rows_total", "Working-context rows the engine served from its prefix cache"
+)
+WC_PROMPT_ROWS_TOTAL = Counter(
+    "lens_wc_prompt_rows_total", "Working-context rows sent to the engine"
+)
+LENS_VERSION_INFO = Gauge(
+    "lens_lensnet_version_info", "The LensNet version this server runs (value 1)", ["version"]
+)
+LENS_SWAP_FAILURES_TOTAL = Counter(
+    "lens_lensnet_swap_failures_total", "LensNet versions rejected (checksum, config or load)"
+)
+TREE_CACHE_BYTES = Gauge("lens_tree_cache_bytes", "Memory held by cached session trees")
+SHADOW_JOBS_DROPPED_TOTAL = Counter(
+    "lens_shadow_jobs_dropped_total", "Shadow-scoring jobs dropped, by reason", ["reason"]
+)
