@@ -267,3 +267,11 @@ def extend_tiling(tiling: Tiling, lifetime: int) -> Tiling:
     b = tiling.block_size
     new_blocks = [(0, i) for i in range(tiling.lifetime // b, lifetime // b)]
     return Tiling(tiling.units + new_blocks, lifetime, b, tiling.gist_rows)
+
+
+def levels_for(lifetime: int, block_size: int) -> int:
+    """How many gist levels a tree over `lifetime` tokens has (level k needs B**k tokens)."""
+    levels = 0
+    while block_size ** (levels + 1) <= lifetime:
+        levels += 1
+    return levels

@@ -20,6 +20,8 @@ import numpy.typing as npt
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from lens_serve.errors import LensError
+
 SESSION_KEY_PREFIX = "lens:session:"
 TOKENS_KEY_SUFFIX = ":tokens"
 # Metadata hash fields.
@@ -47,7 +49,7 @@ def tokens_key(session_id: str) -> str:
     return f"{SESSION_KEY_PREFIX}{session_id}{TOKENS_KEY_SUFFIX}"
 
 
-class SessionError(Exception):
+class SessionError(LensError):
     """Base class of session store errors."""
 
     def __init__(self, session_id: str, message: str) -> None:
@@ -61,12 +63,16 @@ class SessionError(Exception):
 class SessionNotFound(SessionError):
     """No such session for this owner (also raised for another owner's session)."""
 
+    status = "NOT_FOUND"
+
     def __init__(self, session_id: str) -> None:
         super().__init__(session_id, f"session_id {session_id!r}: session not found")
 
 
 class SessionFull(SessionError):
     """The append would take the session past `max_tokens`; nothing was appended."""
+
+    status = "RESOURCE_EXHAUSTED"  # a per-session quota
 
     def __init__(
         self, session_id: str, lifetime_tokens: int, appended: int, max_tokens: int
@@ -84,6 +90,8 @@ class SessionFull(SessionError):
 class SessionModelMismatch(SessionError):
     """The session was created for another model than the one this server runs."""
 
+    status = "FAILED_PRECONDITION"
+
     def __init__(self, session_id: str, session_model: str, model: str) -> None:
         super().__init__(
             session_id,
@@ -96,6 +104,8 @@ class SessionModelMismatch(SessionError):
 
 class InvalidTokenIds(SessionError, ValueError):
     """`token_ids` is not a flat sequence of ints in [0, 2**31 - 1]; nothing was appended."""
+
+    status = "INVALID_ARGUMENT"
 
     def __init__(self, session_id: str, detail: str) -> None:
         super().__init__(session_id, f"session_id {session_id!r}: token_ids {detail}")
