@@ -8,14 +8,20 @@ Each top-level command is registered by a function in COMMANDS that adds its sub
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import itertools
 import logging
+import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
 from lens_serve import models
+from lens_serve.log import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +108,117 @@ def _add_demo(subparsers: SubParsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_serve(subparsers: SubParsers) -> None:
+    # Settings pulls in torch (via gistnet) and the server module pulls in gRPC: both imported only
+    # when this command is built or run.
+    from lens_serve.config import Settings
+
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description=(
+            "Serve LensServe/LensAdmin over gRPC. Every flag is also the environment variable "
+            "LENS_<FLAG> (e.g. --shadow-rate = LENS_SHADOW_RATE); flags win over the environment. "
+            "Prints `listening on HOST:PORT` once health reports SERVING."
+        ),
+    )
+    docs = _field_docs(Settings)
+    metavars = {"model": "NAME|PATH", "host": "H", "redis_url": "URL", "shadow_rate": "P"}
+    secrets = ("api_tokens", "admin_token")
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        shown = (
+            info.default if name not in secrets else "none; prefer the env var: flags show in ps"
+        )
+        shown = repr(shown) if shown == "" else shown
+        help_text = f"{docs.get(name, '')} [default {shown}; env LENS_{name.upper()}]"
+        help_text = help_text.replace("%", "%%")  # argparse %-formats help strings
+        if info.annotation is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            metavar = metavars.get(name) or _metavar(info.annotation)
+            # Values stay strings here: Settings parses and validates them, so a flag and its
+            # environment variable are checked by the same rules and errors name the field.
+            parser.add_argument(
+                flag,
+                dest=name,
+                default=argparse.SUPPRESS,  # absent flags leave the field to env / default
+                metavar=metavar,
+                help=help_text,
+            )
+    parser.set_defaults(func=_serve)
+
+
+def _metavar(annotation: object) -> str:
+    """N, X, TEXT, PATH or {a,b} (Literal choices) for a Settings field's type."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return "{" + ",".join(str(choice) for choice in typing.get_args(annotation)) + "}"
+    if annotation is Path or Path in typing.get_args(annotation):
+        return "PATH"
+    if annotation is int:
+        return "N"
+    return "X" if annotation is float else "TEXT"
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a class (`field: T = x` then a string literal)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (e.g. frozen app): help without descriptions
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for field, doc in itertools.pairwise(body):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(doc, ast.Expr)
+            and isinstance(doc.value, ast.Constant)
+            and isinstance(doc.value.value, str)
+        ):
+            docs[field.target.id] = " ".join(doc.value.value.split())
+    return docs
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import pydantic
+
+    from lens_serve.config import Settings
+
+    names = Settings.model_fields.keys()
+    overrides = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    try:
+        settings = Settings(**overrides)
+    except pydantic.ValidationError as exc:
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            where = f"--{field.replace('_', '-')} / LENS_{field.upper()}: " if field else ""
+            sys.stderr.write(f"lens-serve serve: invalid setting: {where}{error['msg']}\n")
+        return 2
+
+    import asyncio
+
+    from lens_serve import server
+    from lens_serve.redis_embedded import EmbeddedRedisError
+
+    try:
+        asyncio.run(server.serve(settings))
+    except EmbeddedRedisError as exc:
+        logger.error("%s", exc)
+        return 1
+    return 0
+
+
 COMMANDS: list[Callable[[SubParsers], None]] = [
     _add_models,
     _add_demo,
+    _add_serve,
 ]
 
 
@@ -114,7 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Long-context LLM serving at constant cost (vLLM + a LensNet working context).",
     )
     parser.add_argument(
-        "--log-level", default="INFO", help="logging level (default INFO), logs go to stderr"
+        "--log-level",
+        default=os.environ.get("LENS_LOG_LEVEL", "INFO"),
+        help="logging level (default INFO; env LENS_LOG_LEVEL), logs go to stderr",
+    )
+    parser.add_argument(
+        "--log-json",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("LENS_LOG_JSON", "").lower() in ("1", "true", "yes"),
+        help="log one JSON object per line (env LENS_LOG_JSON=1)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in COMMANDS:
@@ -122,19 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lens-serve`` and ``python -m lens_serve``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    try:
+        configure_logging(args.log_level, json=args.log_json)
+    except ValueError as exc:
+        parser.error(str(exc))
     handler: Handler = args.func
     try:
         return handler(args)

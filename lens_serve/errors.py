@@ -42,3 +42,15 @@ class InvariantViolation(LensError, AssertionError):
     """A working context broke a DESIGN §2 invariant: a bug in lens-serve, never the client's."""
 
     status = "INTERNAL"
+
+
+class Unauthenticated(LensError):
+    """The call carries no valid credentials (missing or unknown bearer token)."""
+
+    status = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LensError):
+    """The caller is authenticated but may not call this method."""
+
+    status = "PERMISSION_DENIED"

@@ -31,7 +31,9 @@ from lens_serve.errors import InvalidRequest, Overloaded
 from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet
 from lens_serve.models import resolve_model
 from lens_serve.policies import POLICIES, Choice, ContextChooser
+from lens_serve.preferences import PreferenceLog
 from lens_serve.sessions import SessionFull, SessionInfo, SessionStore
+from lens_serve.shadow import ShadowConfig, ShadowJob, ShadowScorer
 from lens_serve.tree import LifetimeTree
 from lens_serve.tree_cache import CachedSession, TreeCache
 from lens_serve.weights import WeightStore
@@ -124,6 +126,7 @@ class _Prepared:
     embeds: torch.Tensor  # (rows, D)
     view: ContextView
     choice: Choice
+    tree: LifetimeTree  # what the choice was made on (positions < its lifetime never change)
 
 
 class LensService:
@@ -147,6 +150,37 @@ class LensService:
         self._trees = TreeCache(settings.tree_cache_bytes)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._in_flight = 0
+        self.shadow: ShadowScorer | None = None
+        if settings.shadow_rate > 0:
+            self.shadow = ShadowScorer(
+                engine,
+                PreferenceLog(redis, maxlen=settings.prefs_maxlen),
+                ShadowConfig(
+                    rate=settings.shadow_rate,
+                    queue_size=settings.shadow_queue,
+                    random_variants=settings.shadow_variants,
+                    max_lifetime=settings.shadow_max_lifetime,
+                    seed=settings.lens_seed,
+                ),
+                model=settings.model,
+                make_tree=self._tree,
+            )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start_background(self) -> None:
+        """Start the LensNet watcher (hot swap) and the shadow worker; `aclose` stops them."""
+        jobs = [self.weights.follow(self.settings.lens_poll_seconds)]
+        if self.shadow is not None:
+            jobs.append(self.shadow.run())
+        for job in jobs:
+            task = asyncio.create_task(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @classmethod
     async def create(cls, settings: Settings, engine: Engine, redis: Redis) -> LensService:
@@ -165,7 +199,9 @@ class LensService:
         store = SessionStore(
             redis, settings.session_ttl_s, settings.max_session_tokens, model=settings.model
         )
-        return cls(settings, engine, redis, store, weights, gistnet, table)
+        service = cls(settings, engine, redis, store, weights, gistnet, table)
+        service.start_background()
+        return service
 
     @property
     def gistnet_version(self) -> str:
@@ -251,6 +287,7 @@ class LensService:
                 if sid and completion:
                     async with self._lock(sid):
                         await self.sessions.append(sid, owner, completion)
+                self._maybe_shadow(request_id, sid, policy, prepared, prompt, completion, chooser)
                 metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
                 wc = prepared.view.working_context
                 usage = Usage(
@@ -296,6 +333,47 @@ class LensService:
             if prepared.choice.focus is not None:
                 entry.focus = prepared.choice.focus  # the session's next turn continues from here
             return prepared
+
+    def _maybe_shadow(
+        self,
+        request_id: str,
+        sid: str,
+        policy: str,
+        prepared: _Prepared,
+        prompt: list[int],
+        completion: list[int],
+        chooser: ContextChooser,
+    ) -> None:
+        """Leave a shadow job for a sampled request (cheap; the work happens in the background)."""
+        wc = prepared.view.working_context
+        if self.shadow is None or not self.shadow.wants(wc.lifetime):
+            return
+        lifetime = prepared.tree.tokens(0, wc.lifetime).copy()
+        served: WorkingContext | None = wc
+        tiling = prepared.choice.focus.tiling if prepared.choice.focus is not None else None
+        target = completion
+        if self.settings.shadow_target == "prompt":
+            held_out = min(self.settings.shadow_target_tokens, len(prompt) - 1)
+            if held_out < 1:
+                return
+            lifetime, target = lifetime[:-held_out], lifetime[-held_out:].tolist()
+            served, tiling = None, None  # re-chosen over the shorter lifetime in the worker
+        if not target:
+            return
+        self.shadow.submit(
+            ShadowJob(
+                request_id=request_id,
+                session_id=sid,
+                policy=policy,
+                lifetime_tokens=lifetime,
+                served=served,
+                served_tiling=tiling,
+                target_ids=target,
+                budget=prepared.view.budget,
+                tail=self.settings.tail,
+                chooser=chooser,
+            )
+        )
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -360,7 +438,7 @@ class LensService:
             covered = wc.lifetime - wc.start
             metrics.WC_COMPRESSION_RATIO.observe(covered / max(wc.rows, 1))
         view = ContextView(wc, budget, tree.gistnet_version, choice.choice_ms)
-        return _Prepared(assemble(tree, wc), view, choice)
+        return _Prepared(assemble(tree, wc), view, choice, tree)
 
     def _tree(self, token_ids: Sequence[int] | np.ndarray) -> LifetimeTree:
         tree = LifetimeTree(self._gistnet, self._table)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from lens_serve import checkpoint
+from lens_serve import checkpoint, metrics
 from lens_serve.allocator import FocusConfig
 from lens_serve.errors import InvalidRequest, LensError, NotFound
 from lens_serve.lensnet import LensNet, LensNetConfig, lensnet_from_bytes
@@ -153,6 +154,7 @@ class WeightStore:
         self._initial = LensNet(LensNetConfig(hidden_size=hidden_size, seed=seed))
         self.chooser = ContextChooser(self._initial, focus)
         self._lock = asyncio.Lock()
+        self._rejected: set[str] = set()  # versions that failed verification: never retried
 
     @property
     def version(self) -> str:
@@ -160,9 +162,8 @@ class WeightStore:
 
     async def start(self) -> None:
         """Run the version `lens:current` names, else the seeded initial LensNet."""
-        version = await current_version(self._redis)
-        if version:
-            await self.load(version)
+        await self._sync_current()
+        metrics.LENS_VERSION_INFO.labels(self.version).set(1)
         logger.info("LensNet %s loaded", self.version)
 
     async def load(self, version: str) -> None:
@@ -176,6 +177,34 @@ class WeightStore:
             published = await fetch(self._redis, version)
             net = await asyncio.to_thread(verify_and_load, published, self._hidden_size)
             self.chooser = ContextChooser(net, self._focus)
+
+    async def follow(self, poll_seconds: float = 1.0) -> None:
+        """Run forever: load whatever `lens:current` names. Pub/sub makes a swap prompt; polling
+        makes missed messages (a reconnect, a Redis restart) harmless. A version that fails
+        verification is logged and counted, and the loaded one keeps serving."""
+        pubsub = self._redis.pubsub()
+        try:
+            await pubsub.subscribe(EVENTS_CHANNEL)
+            while True:
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_seconds)
+                await self._sync_current()
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+    async def _sync_current(self) -> None:
+        try:
+            version = await current_version(self._redis)
+            if version and version != self.version and version not in self._rejected:
+                await self.load(version)
+                metrics.LENS_VERSION_INFO.clear()
+                metrics.LENS_VERSION_INFO.labels(self.version).set(1)
+                logger.info("LensNet hot-swapped to %s", self.version)
+        except (WeightsRejected, NotFound) as e:
+            self._rejected.add(version or "")
+            metrics.LENS_SWAP_FAILURES_TOTAL.inc()
+            logger.error("LensNet %s rejected, still serving %s: %s", version, self.version, e)
+        except RedisError as e:  # Redis down: keep serving, try again on the next poll
+            logger.warning("LensNet watcher cannot reach Redis: %s", e)
 
     async def pin(self, version: str) -> str:
         """Make `version` current for every server (rollback = pin an older one)."""

