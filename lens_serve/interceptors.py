@@ -27,7 +27,7 @@ import redis.exceptions
 
 from lens_serve import auth, metrics
 from lens_serve.config import Settings
-from lens_serve.errors import LensError
+from lens_serve.errors import InvalidRequest, LensError
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
             wrapped = self._wrap_generator(method, behavior)
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -112,7 +112,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             try:
                 self._authorize(method, context)
-                result = behavior(request, context)
+                result = behavior(_checked(request), context)
                 if inspect.isawaitable(result):
                     result = await result
                 return result
@@ -136,7 +136,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             try:
                 self._authorize(method, context)
-                async with aclosing(relay(behavior(request, context))) as responses:
+                async with aclosing(relay(behavior(_checked(request), context))) as responses:
                     async for response in responses:
                         yield response
             except _PASS_THROUGH as exc:
@@ -152,6 +152,46 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
     def _authorize(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         owner = auth.authorize(method, context.invocation_metadata(), self._settings)
         auth.bind_owner(owner)
+
+
+class _Undecodable:
+    """Stands for a request message protobuf could not parse (invalid UTF-8 in a string field,
+    a wrong wire type): gRPC would answer INTERNAL for a deserializer error, but it is bad input."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> InvalidRequest:
+        return InvalidRequest("request", f"cannot decode the message ({self.error})")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError and friends: reported per call as INVALID_ARGUMENT
+            return _Undecodable(e)
+
+    return decode
+
+
+def _checked(request: Any) -> Any:
+    """Raise for an undecodable request; for a request stream, when its bad message arrives."""
+    if isinstance(request, _Undecodable):
+        raise request.invalid()
+    if isinstance(request, AsyncIterable):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.invalid()
+        yield request
 
 
 async def relay(responses: object) -> AsyncGenerator[Any, None]:

@@ -1,0 +1,100 @@
+"""The evaluation gate on held-out records."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lens_serve.lensnet import LensNet, LensNetConfig
+from tests.core_helpers import HIDDEN, random_table
+from tests.trainer_synthetic import needle_record
+from trainer.examples import Example, TargetConfig, example_from_record
+from trainer.gate import GateReport, decide, evaluate, is_held_out, pearson
+from trainer.train import PreferenceTrainer, collate
+
+HELD_OUT_EVERY = 4
+
+
+@pytest.fixture(scope="module")
+def split() -> tuple[list[Example], list[Example]]:
+    table = random_table()
+    examples = [
+        example_from_record(needle_record(s), f"{1000 + s}-0", table, TargetConfig())
+        for s in range(64)
+    ]
+    held = [e for e in examples if is_held_out(e.entry_id, HELD_OUT_EVERY)]
+    train = [e for e in examples if not is_held_out(e.entry_id, HELD_OUT_EVERY)]
+    return train, held
+
+
+@pytest.fixture(scope="module")
+def trained(split: tuple[list[Example], list[Example]]) -> LensNet:
+    train, _ = split
+    net = LensNet(LensNetConfig(hidden_size=HIDDEN, seed=0))
+    trainer = PreferenceTrainer(net, lr=3e-3, temperature=1.0, seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(80):
+        picks = rng.choice(len(train), 8, replace=False)
+        trainer.step(collate([train[int(i)] for i in picks]))
+    return net
+
+
+def test_trained_lensnet_passes_the_gate_against_the_initial_one(
+    split: tuple[list[Example], list[Example]], trained: LensNet
+) -> None:
+    _, held = split
+    initial = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN, seed=0)), held, 1.0)
+    new = evaluate(trained, held, 1.0)
+    assert new.agreement > 0.7 > initial.agreement
+    assert new.correlation > 0
+    decision = decide(new, initial)
+    assert decision.passed, decision.reason
+
+
+def test_gate_refuses_a_worse_model(
+    split: tuple[list[Example], list[Example]], trained: LensNet
+) -> None:
+    _, held = split
+    flipped = copy.deepcopy(trained)
+    with torch.no_grad():  # the MegaContext polarity bug: every score's sign inverted
+        flipped.head.weight.neg_()
+        flipped.head.bias.neg_()
+    current = evaluate(trained, held, 1.0)
+    worse = evaluate(flipped, held, 1.0)
+    assert worse.correlation < 0
+    assert worse.agreement < current.agreement
+    decision = decide(worse, current)
+    assert not decision.passed
+    assert "correlation" in decision.reason
+
+
+def test_gate_refuses_lower_agreement_even_when_the_sign_is_right() -> None:
+    current = GateReport(0.9, 0.5, 0.1, 100, 50, 10, 0.0)
+    new = GateReport(0.8, 0.6, 0.1, 100, 50, 10, 0.0)
+    decision = decide(new, current)
+    assert not decision.passed
+    assert "agreement" in decision.reason
+    assert decide(current, current).passed  # equal agreement is not worse
+
+
+def test_gate_refuses_when_there_are_no_held_out_pairs() -> None:
+    empty = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN)), [], 1.0)
+    assert empty.pairs == 0
+    assert not decide(empty, empty).passed
+
+
+def test_held_out_split_is_deterministic_and_about_one_in_k() -> None:
+    ids = [f"{1700000000000 + i}-{i % 3}" for i in range(4000)]
+    first = [is_held_out(i, 10) for i in ids]
+    assert first == [is_held_out(i, 10) for i in ids]
+    assert 0.08 < sum(first) / len(ids) < 0.12
+
+
+def test_pearson_is_zero_when_undefined() -> None:
+    assert pearson([1.0], [2.0]) == 0.0
+    assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+    assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
+    assert pearson([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == pytest.approx(-1.0)

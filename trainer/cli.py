@@ -1,0 +1,172 @@
+"""The `lens-trainer` command line.
+
+    lens-trainer run [--redis-url URL] [--model NAME|PATH] [--min-records N]
+                     [--steps-per-version K] [--offline-dump FILE] ...
+    lens-trainer dump --out FILE [--redis-url URL]
+
+Every `run` flag is also settable as `LENS_TRAINER_<FLAG>`; flags override the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lens_serve.log import configure_logging
+
+logger = logging.getLogger(__name__)
+
+# (flag, settings field, type, help). Types follow TrainerSettings; None defaults mean "not given".
+_RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--redis-url", "redis_url", str, "Redis URL (required unless --offline-dump)"),
+    ("--model", "model", str, "base model name or directory (default smollm2-135m)"),
+    ("--models-dir", "models_dir", Path, "prepared models root"),
+    ("--min-records", "min_records", int, "usable records before the first step"),
+    ("--steps-per-version", "steps_per_version", int, "gate/publish every K steps"),
+    ("--batch-size", "batch_size", int, "records per step"),
+    ("--lr", "lr", float, "AdamW learning rate"),
+    ("--temperature", "temperature", float, "logistic loss temperature"),
+    ("--seed", "seed", int, "initial LensNet and sampling seed"),
+    ("--claim-idle-ms", "claim_idle_ms", int, "claim entries pending this long"),
+    ("--lock-ttl-ms", "lock_ttl_ms", int, "trainer lock lease"),
+    ("--held-out-every", "held_out_every", int, "hold out one record in this many"),
+    ("--replay-size", "replay_size", int, "replay buffer size (records)"),
+    ("--max-steps", "max_steps", int, "stop after this many steps (0 = never)"),
+    ("--offline-dump", "offline_dump", Path, "train from a dump file instead of the stream"),
+    ("--log-every-s", "log_every_s", float, "seconds between progress lines"),
+)
+
+# Transient Redis errors are retried with exponential backoff (capped at 2 s, 6 tries); anything
+# else, or an outage that outlasts the retries, ends the run: unacknowledged records stay pending
+# and the next trainer claims them.
+_RETRY_ON = [RedisConnectionError, RedisTimeoutError]
+
+
+def _redis(url: str) -> Redis:
+    return Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
+        retry_on_error=_RETRY_ON,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lens-trainer", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = commands.add_parser("run", help="train LensNet from the preference stream")
+    for flag, dest, kind, text in _RUN_FLAGS:
+        run.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    run.set_defaults(func=_run)
+    dump = commands.add_parser("dump", help="write the stream's records to a file")
+    dump.add_argument("--out", type=Path, required=True, help="output file")
+    dump.add_argument("--redis-url", dest="redis_url", default=None, help="Redis URL")
+    dump.set_defaults(func=_dump)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        configure_logging(args.log_level, json=args.log_json)
+    except ValueError as e:
+        sys.stderr.write(f"lens-trainer: {e}\n")
+        return 2
+    status: int = args.func(args)
+    return status
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from trainer.config import TrainerSettings
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in _RUN_FLAGS}
+    return TrainerSettings(**{k: v for k, v in given.items() if v is not None})
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ValidationError as e:
+        sys.stderr.write(f"lens-trainer: invalid settings:\n{e}\n")
+        return 2
+    logger.info("lens-trainer settings (non-default): %s", settings.non_defaults())
+    return asyncio.run(_run_async(settings))
+
+
+async def _run_async(settings: Any) -> int:
+    # Imported here so that `--help` and bad flags answer without loading torch.
+    from lens_serve.embedding import EmbeddingTable
+    from lens_serve.models import resolve_model
+    from trainer.lock import LockLost
+    from trainer.loop import Trainer
+
+    try:
+        model_dir = resolve_model(settings.model, settings.models_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"lens-trainer: model: {e}\n")
+        return 2
+    table = await asyncio.to_thread(EmbeddingTable.from_checkpoint, model_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _request_stop, stop, sig)
+    redis = _redis(settings.redis_url) if settings.redis_url else None
+    try:
+        trainer = Trainer(settings, redis, table)
+        result = await trainer.run(stop)
+    except LockLost as e:
+        logger.error("%s", e)
+        return 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if redis is not None:
+            await redis.aclose()
+    logger.info(
+        "done: %d steps, %d records, %d published, %.1f steps/s",
+        result.steps,
+        result.records,
+        len(result.published),
+        result.steps_per_s,
+    )
+    return 0
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    logger.info("%s: finishing the current step, then stopping", sig.name)
+    stop.set()
+
+
+def _dump(args: argparse.Namespace) -> int:
+    import os
+
+    url = args.redis_url or os.environ.get("LENS_TRAINER_REDIS_URL", "")
+    if not url:
+        sys.stderr.write("lens-trainer: redis_url: give --redis-url or LENS_TRAINER_REDIS_URL\n")
+        return 2
+    return asyncio.run(_dump_async(url, args.out))
+
+
+async def _dump_async(url: str, out: Path) -> int:
+    from trainer.data import dump
+
+    redis = _redis(url)
+    try:
+        count = await dump(redis, out)
+    finally:
+        await redis.aclose()
+    logger.info("wrote %d records to %s", count, out)
+    return 0

@@ -1,0 +1,83 @@
+"""Trainer settings: every field is also an environment variable `LENS_TRAINER_<FIELD>`; CLI flags
+override. Bad combinations are refused at start-up with a message naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from trainer.examples import TargetConfig
+
+
+class TrainerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LENS_TRAINER_", frozen=True, extra="forbid")
+
+    redis_url: str = ""
+    """Redis holding `lens:prefs` and the published weights; required unless offline_dump is set
+    (then it is optional and only used to publish)."""
+    model: str = "smollm2-135m"
+    """Base model name or directory: its embedding table feeds LensNet, as on the server."""
+    models_dir: Path | None = None
+    """Where prepared models live (default: $LENS_MODELS_DIR, else ./models)."""
+    min_records: int = Field(default=64, ge=1)
+    """Usable records to hold before the first training step."""
+    steps_per_version: int = Field(default=200, ge=1)
+    """Gate (and publish if it passes) every this many steps, never more often."""
+    batch_size: int = Field(default=16, ge=1)
+    """Records per training step (each brings all its variants and pairs)."""
+    lr: float = Field(default=3e-4, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(default=1.0, gt=0)
+    """Gradient-norm clip."""
+    temperature: float = Field(default=1.0, gt=0)
+    """τ of the logistic preference loss (scores are divided by it)."""
+    seed: int = 0
+    """Seed of the initial LensNet (when Redis names no current version) and of batch sampling."""
+    claim_idle_ms: int = Field(default=60_000, ge=0)
+    """Pending stream entries idle this long were left by a dead consumer and are claimed."""
+    lock_ttl_ms: int = Field(default=30_000, ge=100)
+    """Lease of `lens:trainer:lock`; renewed every third of it while the trainer runs."""
+    held_out_every: int = Field(default=10, ge=2)
+    """One record in this many (by stream-id hash) is held out for the gate, never trained on."""
+    replay_size: int = Field(default=2000, ge=1)
+    """Records kept in the replay buffer (and the durable `lens:trainer:replay` list)."""
+    read_count: int = Field(default=64, ge=1)
+    """Stream entries read per round trip."""
+    max_steps: int = Field(default=0, ge=0)
+    """Stop after this many steps (0: run until stopped; offline: one version's worth)."""
+    offline_dump: Path | None = None
+    """Train from this `lens-trainer dump` file instead of the stream."""
+    log_every_s: float = Field(default=30.0, gt=0)
+    """Seconds between progress lines."""
+    min_nll_std: float = Field(default=0.05, gt=0)
+    """Advantage normalisation floor (nats) of a record's NLL spread."""
+    pair_scale: float = Field(default=1.0, gt=0)
+    """Pair strength = tanh(normalised NLL gap / pair_scale)."""
+    max_pairs: int = Field(default=16, ge=1)
+    """Preference pairs kept per record."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainerSettings:
+        if not self.redis_url and self.offline_dump is None:
+            raise ValueError("redis_url: required unless offline_dump is set")
+        if self.offline_dump is not None and not self.offline_dump.is_file():
+            raise ValueError(f"offline_dump: {self.offline_dump} is not a file")
+        return self
+
+    @property
+    def targets(self) -> TargetConfig:
+        return TargetConfig(
+            min_std=self.min_nll_std, scale=self.pair_scale, max_pairs=self.max_pairs
+        )
+
+    def non_defaults(self) -> dict[str, object]:
+        """Fields that differ from their defaults (logged once at start-up)."""
+        return {
+            name: getattr(self, name)
+            for name, info in type(self).model_fields.items()
+            if getattr(self, name) != info.default
+        }

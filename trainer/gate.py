@@ -1,0 +1,134 @@
+"""The evaluation gate: is a new LensNet at least as good as the current one on held-out records?
+
+Two measurements on the held-out slice (every k-th record by a hash of its stream id, so the split
+is the same on every trainer and every restart):
+- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way;
+- correlation: across variants, Pearson correlation between LensNet's verdict on the variant's
+  edits of the served WC (sum of score * direction over the served variant's units, direction +1
+  where the variant is finer, -1 where coarser, 0 elsewhere) and the NLL the edits gained, both
+  centred per record (the within-record correlation). It must be positive: higher scores where
+  expanding helped. MegaContext's scores ended up anti-correlated with the loss gap; this is the
+  check that would have caught it. It is a polarity check, not a quality measure (that is
+  agreement): a constant score can pass it.
+A new version passes if agreement(new) >= agreement(current) and correlation(new) > 0."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from lens_serve.lensnet import LensNet
+from trainer.examples import Example
+from trainer.train import collate, preference_loss, scores
+
+# Examples per LensNet forward: bounds the padded (V, U, D) batch's memory.
+_EVAL_CHUNK = 32
+
+
+def is_held_out(entry_id: str, every: int) -> bool:
+    """Deterministic 1-in-`every` split by stream id (independent of arrival order)."""
+    digest = hashlib.sha256(entry_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % every == 0
+
+
+@dataclass(frozen=True)
+class GateReport:
+    agreement: float
+    correlation: float
+    loss: float
+    pairs: int
+    edits: int
+    records: int
+    served_vs_recency: float  # mean nll(recency) - nll(served), nats; nan if no such record
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reason: str
+    new: GateReport
+    current: GateReport
+
+
+@torch.inference_mode()
+def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> GateReport:
+    net.eval()
+    agree_sum = loss_sum = 0.0
+    pairs = 0
+    verdicts: list[float] = []
+    gains: list[float] = []
+    for start in range(0, len(examples), _EVAL_CHUNK):
+        chunk = examples[start : start + _EVAL_CHUNK]
+        batch = collate(chunk, all_variants=True)
+        if not batch.variant_index:
+            continue
+        s = scores(net, batch)  # (V, U)
+        if batch.pairs:
+            loss, agreement = preference_loss(s, batch, temperature)
+            agree_sum += float(agreement) * batch.pairs
+            loss_sum += float(loss) * batch.pairs
+            pairs += batch.pairs
+        row = {key: r for r, key in enumerate(batch.variant_index)}
+        for e, ex in enumerate(chunk):
+            if len(ex.edits) < 2:
+                continue  # nothing to compare within this record
+            ref = s[row[(e, ex.reference)]].numpy()  # (U,) padded
+            # LensNet's net vote for the variant's edits, as the allocator would total them.
+            verdict = np.array([ref[: len(edit.signs)] @ edit.signs for edit in ex.edits])  # (E,)
+            gain = np.array([edit.gain for edit in ex.edits])  # (E,)
+            # Centred per record: records differ in length, content and NLL level, and only the
+            # ranking of one record's variants says whether LensNet orders edits by their gain.
+            verdicts.extend((verdict - verdict.mean()).tolist())
+            gains.extend((gain - gain.mean()).tolist())
+    gaps = [
+        ex.baselines["recency"] - ex.variants[ex.reference].nll
+        for ex in examples
+        if "recency" in ex.baselines
+    ]
+    return GateReport(
+        agreement=agree_sum / pairs if pairs else 0.0,
+        correlation=pearson(verdicts, gains),
+        loss=loss_sum / pairs if pairs else math.nan,
+        pairs=pairs,
+        edits=len(verdicts),
+        records=len(examples),
+        served_vs_recency=float(np.mean(gaps)) if gaps else math.nan,
+    )
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; 0 when undefined (fewer than 2 points or a constant side)."""
+    if len(x) < 2:
+        return 0.0
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float(a @ a) * float(b @ b))
+    return float(a @ b) / denom if denom > 1e-12 else 0.0
+
+
+def decide(new: GateReport, current: GateReport) -> GateDecision:
+    if new.pairs == 0:
+        return GateDecision(False, "no held-out preference pairs yet", new, current)
+    if new.correlation <= 0:
+        return GateDecision(
+            False,
+            f"score/NLL-gain correlation {new.correlation:.3f} is not positive",
+            new,
+            current,
+        )
+    if new.agreement < current.agreement:
+        return GateDecision(
+            False,
+            f"held-out agreement {new.agreement:.3f} < current {current.agreement:.3f}",
+            new,
+            current,
+        )
+    return GateDecision(True, "ok", new, current)
