@@ -34,6 +34,7 @@ models: install
 demo: install
 	$(BIN)/lens-serve models prepare smollm2-135m
 	$(BIN)/lens-serve demo
+	$(BIN)/lens-serve demo-server
 
 proto: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \

@@ -18,7 +18,7 @@ import sys
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from lens_serve import models
 from lens_serve.log import configure_logging
@@ -89,23 +89,43 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 # Each entry adds one top-level command to the parser and sets its handler with set_defaults(func=).
+def _add_config_command(
+    subparsers: SubParsers,
+    name: str,
+    help_text: str,
+    doc: str | None,
+    config_cls: type[Any],
+    run: Callable[[Any], object],
+) -> None:
+    """A command whose flags are the fields of a config dataclass (`--field`, typed by default)."""
+    parser = subparsers.add_parser(name, help=help_text, description=doc)
+    fields = dataclasses.fields(config_cls)
+    for field in fields:
+        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+
+    def handler(args: argparse.Namespace) -> int:
+        run(config_cls(**{f.name: getattr(args, f.name) for f in fields}))
+        return 0
+
+    parser.set_defaults(func=handler)
+
+
 def _add_demo(subparsers: SubParsers) -> None:
     from lens_serve import demo
 
-    parser = subparsers.add_parser(
-        "demo",
-        help="the working-context core on the real model, no server",
-        description=demo.__doc__,
-    )
-    for field in dataclasses.fields(demo.DemoConfig):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+    _add_config_command(
+        subparsers, "demo", "the working-context core on the real model, no server",
+        demo.__doc__, demo.DemoConfig, demo.run,
+    )  # fmt: skip
 
-    def run(args: argparse.Namespace) -> int:
-        names = [f.name for f in dataclasses.fields(demo.DemoConfig)]
-        demo.run(demo.DemoConfig(**{name: getattr(args, name) for name in names}))
-        return 0
 
-    parser.set_defaults(func=run)
+def _add_demo_server(subparsers: SubParsers) -> None:
+    from lens_serve import demo_server
+
+    _add_config_command(
+        subparsers, "demo-server", "serve SmolLM2, ask about a long essay, show the WC map",
+        demo_server.__doc__, demo_server.ServerDemoConfig, demo_server.run,
+    )  # fmt: skip
 
 
 def _add_serve(subparsers: SubParsers) -> None:
@@ -218,6 +238,7 @@ def _serve(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[SubParsers], None]] = [
     _add_models,
     _add_demo,
+    _add_demo_server,
     _add_serve,
 ]
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lens_serve import checkpoint
+from lens_serve.attention import Block
 from lens_serve.embedding import EmbeddingTable
 
 GistKind = Literal["tokens", "mean", "transformer"]
@@ -134,30 +135,6 @@ class MeanGistNet(GistNet):
         return Gists(ids, embeds.view(n, rows, -1))
 
 
-class _Block(nn.Module):
-    """Pre-norm non-causal self-attention + MLP."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(w, dim=-1)  # 3 x (B, T, W)
-        q, k, v = (z.view(b, t, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))
-        att = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, W/H)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, w))
-        out: torch.Tensor = x + self.mlp(self.norm2(x))
-        return out
-
-
 class TransformerGistNet(GistNet):
     """Learned queries read the children; outputs are rescaled to the children's mean row norm,
     because the base model expects input rows of token-embedding scale."""
@@ -171,7 +148,7 @@ class TransformerGistNet(GistNet):
             self.inp = nn.Linear(config.hidden_size, w)
             self.child_pos = nn.Parameter(torch.randn(c, w) * 0.02)  # (C, W)
             self.queries = nn.Parameter(torch.randn(config.rows, w) * 0.02)  # (R, W)
-            self.blocks = nn.ModuleList(_Block(w, config.heads) for _ in range(config.layers))
+            self.blocks = nn.ModuleList(Block(w, config.heads) for _ in range(config.layers))
             self.norm = nn.LayerNorm(w)
             self.out = nn.Linear(w, config.hidden_size)
         finally:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lens_serve import checkpoint
+from lens_serve.attention import Block
 from lens_serve.context import Tiling
 from lens_serve.tree import LifetimeTree
 
@@ -46,31 +46,6 @@ class LensNetConfig:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
 
 
-class _Block(nn.Module):
-    """Pre-norm non-causal self-attention + MLP, with a key padding mask."""
-
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        b, t, w = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(w, dim=-1)  # 3 x (B, T, W)
-        q, k, v = (z.view(b, t, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))
-        mask = valid[:, None, None, :]  # (B, 1, 1, T): attend only to real units
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, W/H)
-        x = x + self.proj(att.transpose(1, 2).reshape(b, t, w))
-        out: torch.Tensor = x + self.mlp(self.norm2(x))
-        return out
-
-
 class LensNet(nn.Module):
     def __init__(self, config: LensNetConfig) -> None:
         super().__init__()
@@ -84,7 +59,7 @@ class LensNet(nn.Module):
             )
             self.lod = nn.Embedding(config.max_lod + 1, w)
             self.features = nn.Linear(N_FEATURES, w)
-            self.blocks = nn.ModuleList(_Block(w, config.heads) for _ in range(config.layers))
+            self.blocks = nn.ModuleList(Block(w, config.heads) for _ in range(config.layers))
             self.norm = nn.LayerNorm(w)
             self.head = nn.Linear(w, 1)
             nn.init.zeros_(self.head.weight)

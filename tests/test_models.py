@@ -377,10 +377,11 @@ def test_cli_models_list_reports_status(
 
 
 def test_cli_returns_error_when_model_unknown(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
+    # cli.main configures logging itself (to stderr), so read stderr, not pytest's log capture.
     assert cli.main(["models", "prepare", "gpt-9", "--models-dir", str(tmp_path)]) == 1
-    assert "valid names: tiny, smollm2-135m" in caplog.text
+    assert "valid names: tiny, smollm2-135m" in capfd.readouterr().err
 
 
 def test_cli_exits_with_usage_error_when_command_missing(
