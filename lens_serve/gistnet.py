@@ -17,7 +17,6 @@ token id it shows (-1 for a soft row).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -195,8 +194,3 @@ def gistnet_from_bytes(raw_config: dict[str, object], weights: bytes) -> GistNet
     net = build_gistnet(checkpoint.config_from_dict(GistNetConfig, raw_config))
     checkpoint.load_state(net, weights)
     return net
-
-
-def compression(config: GistNetConfig, lod: int) -> float:
-    """Tokens covered per working-context row by one gist at `lod` (>= 1)."""
-    return math.pow(config.block_size, lod) / config.rows
