@@ -24,6 +24,7 @@ from lens_serve.context import (
     expansion_cost,
     extend_tiling,
     fill_newest_first,
+    levels_for,
     tiling_at_level,
     validate_budget,
 )
@@ -61,30 +62,17 @@ class ContextChooser:
         state: FocusState | None = None,
     ) -> Choice:
         began = time.perf_counter()
-        validate_budget(budget, tail)
-        if policy not in POLICIES:
-            raise InvalidRequest("policy", f"must be one of {POLICIES}, got {policy!r}")
         n = tree.lifetime
         b, r = tree.block_size, tree.gist_rows
+        check_feasible(policy, n, budget, tail, b, r)
         focus: FocusState | None = None
         stats: EditStats | None = None
         if policy == "recency":
             wc = recency(n, budget, b, r)
         elif policy == "full":
-            if n > budget:
-                raise InvalidRequest(
-                    "wc_budget",
-                    f"policy full needs all {n} lifetime tokens raw, budget is {budget}",
-                )
             wc = recency(n, budget, b, r, policy="full")
         else:
             coarse = coarsest_tiling(n, tail, tree.levels, b, r)
-            if coarse.rows > budget:
-                raise InvalidRequest(
-                    "wc_budget",
-                    f"{budget} rows cannot cover {n} tokens with a raw tail of {tail}; "
-                    f"at least {coarse.rows} are needed",
-                )
             if policy == "uniform":
                 wc = uniform(n, budget, tail, tree.levels, b, r).to_working_context("uniform")
             elif policy == "random":
@@ -108,6 +96,29 @@ class ContextChooser:
         scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
         node_counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         return refocus(state, scores, budget, tail, node_counts, self.focus, fresh)
+
+
+def check_feasible(
+    policy: str, lifetime: int, budget: int, tail: int, block_size: int, gist_rows: int
+) -> None:
+    """Raise InvalidRequest (naming the field) unless `policy` can choose a WC of `budget` rows for
+    `lifetime` tokens. Pure arithmetic, so callers can check before writing anything."""
+    validate_budget(budget, tail)
+    if policy not in POLICIES:
+        raise InvalidRequest("policy", f"must be one of {POLICIES}, got {policy!r}")
+    if policy == "full" and lifetime > budget:
+        raise InvalidRequest(
+            "wc_budget", f"policy full needs all {lifetime} lifetime tokens raw, budget is {budget}"
+        )
+    if policy in ("lens", "uniform", "random"):
+        levels = levels_for(lifetime, block_size)
+        needed = coarsest_tiling(lifetime, tail, levels, block_size, gist_rows).rows
+        if needed > budget:
+            raise InvalidRequest(
+                "wc_budget",
+                f"{budget} rows cannot cover {lifetime} tokens with a raw tail of {tail}; "
+                f"at least {needed} are needed",
+            )
 
 
 def _continues(state: FocusState | None, tree: LifetimeTree, budget: int, tail: int) -> bool:

@@ -24,13 +24,13 @@ from lens_serve import metrics
 from lens_serve.allocator import FocusConfig, FocusState
 from lens_serve.assembly import assemble
 from lens_serve.config import Settings
-from lens_serve.context import WorkingContext, coarsest_tiling, levels_for, validate_budget
+from lens_serve.context import WorkingContext, levels_for, validate_budget
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.engine import Engine, GenerationParams
 from lens_serve.errors import InvalidRequest, Overloaded
 from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet
 from lens_serve.models import resolve_model
-from lens_serve.policies import POLICIES, Choice, ContextChooser
+from lens_serve.policies import POLICIES, Choice, ContextChooser, check_feasible
 from lens_serve.preferences import PreferenceLog
 from lens_serve.sessions import SessionFull, SessionInfo, SessionStore
 from lens_serve.shadow import ShadowConfig, ShadowJob, ShadowScorer
@@ -461,20 +461,9 @@ class LensService:
         return entry
 
     def _precheck(self, lifetime: int, budget: int, policy: str) -> None:
-        """Refuse an impossible budget before anything is written (same rules as the chooser)."""
-        tail = self.settings.tail
-        validate_budget(budget, tail)
-        if policy == "full" and lifetime > budget:
-            raise InvalidRequest(
-                "wc_budget", f"policy full needs all {lifetime} tokens raw, budget is {budget}"
-            )
-        if policy in ("lens", "uniform", "random"):
-            b, rows = self.settings.block_size, self.settings.gist_rows
-            needed = coarsest_tiling(lifetime, tail, levels_for(lifetime, b), b, rows).rows
-            if needed > budget:
-                raise InvalidRequest(
-                    "wc_budget", f"{budget} rows cannot cover {lifetime} tokens; at least {needed}"
-                )
+        """Refuse an impossible budget before anything is written (the chooser's own rules)."""
+        s = self.settings
+        check_feasible(policy, lifetime, budget, s.tail, s.block_size, s.gist_rows)
 
     def _budget(self, wc_budget: int) -> int:
         budget = wc_budget or self.settings.wc_budget
