@@ -1,0 +1,400 @@
+"""Serving benchmark: lens-serve over real gRPC (in this process, embedded redis-server) on a vLLM
+engine, against bare vLLM on the same engine.
+
+- multi-turn: sessions of a 4k-token document and 10 question turns at W = 1024: time to first
+  token (TTFT) per turn and the share of working-context rows served from vLLM's prefix cache.
+  Target: from turn 2 on, TTFT within 1.5x of a prompt made only of the new turn's tokens.
+- TTFT with and without a session: the session turns above, the new turn's tokens alone, and a
+  stateless client resending document + question every time.
+- overhead: 16 concurrent streams, lens-serve `Generate` (no session; a 4k-token prompt, W = 1024)
+  against bare vLLM `AsyncLLM.generate` of the very rows lens-serve feeds (prepared beforehand).
+  Target: p50 latency and throughput within 1.10x. Rounds alternate which side goes first; each
+  side's prompts are uncached (fresh windows for lens-serve, a fresh vLLM cache_salt for bare).
+- constant cost: p50 latency of a turn in sessions of 4k, 32k and 256k tokens at W = 1024.
+  Target: 256k within 1.25x of 4k.
+
+    python bench/serving.py [--model smollm2-135m] [--out bench/out/serving.json]
+
+Writes the JSON and a PNG next to it. Times are wall clock on this machine; compare ratios taken
+within one run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lens_serve import corpus
+from lens_serve.assembly import assemble
+from lens_serve.client import LensClient
+from lens_serve.config import Settings
+from lens_serve.engine import EngineConfig, VllmEngine
+from lens_serve.gistnet import GistNetConfig, build_gistnet
+from lens_serve.inprocess import Stack, serving_stack
+from lens_serve.models import resolve_model
+from lens_serve.redis_embedded import EmbeddedRedis
+from lens_serve.tree import LifetimeTree
+from lens_serve.v1 import lens_serve_pb2 as pb
+
+QUESTIONS = (
+    "What is the main claim of the text above?",
+    "Name one example the author gives.",
+    "Who is the intended reader?",
+    "What does the author recommend doing?",
+    "Which argument is the weakest?",
+    "Summarize the second half in one sentence.",
+    "What would a critic say?",
+    "What is surprising about it?",
+    "How does it end?",
+    "Give it a short title.",
+)
+
+
+@dataclass(frozen=True)
+class Timed:
+    ttft_s: float
+    latency_s: float
+    completion_tokens: int
+    prompt_rows: int
+    cached_rows: int
+    choice_ms: float = 0.0
+
+
+async def lens_generate(
+    client: LensClient, prompt: str | Sequence[int], budget: int, max_tokens: int, session: str = ""
+) -> Timed:
+    began = time.perf_counter()
+    first: float | None = None
+    usage = pb.Usage()
+    async for chunk in client.generate(
+        prompt, session_id=session or None, wc_budget=budget, max_tokens=max_tokens
+    ):
+        if first is None and chunk.token_ids:
+            first = time.perf_counter()
+        if chunk.HasField("usage"):
+            usage = chunk.usage
+    end = time.perf_counter()
+    return Timed(
+        (first or end) - began, end - began, usage.completion_tokens, usage.wc_rows,
+        usage.cached_rows, usage.wc_choice_ms,
+    )  # fmt: skip
+
+
+async def bare_generate(engine: VllmEngine, rows: torch.Tensor, max_tokens: int) -> Timed:
+    """vLLM's own async generation of prompt rows (n, D), with a fresh cache salt (uncached)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, output_kind=RequestOutputKind.DELTA
+    )
+    prompt = {"prompt_embeds": rows, "cache_salt": uuid.uuid4().hex}
+    began = time.perf_counter()
+    first: float | None = None
+    tokens = cached = 0
+    async for out in engine.async_llm.generate(prompt, sampling, uuid.uuid4().hex):
+        if first is None and out.outputs[0].token_ids:
+            first = time.perf_counter()
+        tokens += len(out.outputs[0].token_ids)
+        cached = max(cached, int(out.num_cached_tokens or 0))
+    end = time.perf_counter()
+    return Timed((first or end) - began, end - began, tokens, int(rows.shape[0]), cached)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def text_tokens(engine: VllmEngine, n_tokens: int) -> list[int]:
+    """`n_tokens` of essays, then standard-library sources (held-out essays first)."""
+    essays = corpus.essays()
+    documents = [*corpus.split(essays, True).values(), *corpus.split(essays, False).values()]
+    documents += corpus.stdlib_sources(max_files=400).values()
+    ids: list[int] = []
+    for document in documents:
+        ids += engine.encode(document + "\n\n")
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise ValueError(f"only {len(ids)} tokens of local text, {n_tokens} needed")
+
+
+async def multi_turn(
+    client: LensClient, engine: VllmEngine, tokens: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    turns: list[list[Timed]] = [[] for _ in range(args.turns)]
+    alone: list[Timed] = []
+    stateless: list[Timed] = []
+    for s in range(args.sessions):
+        document = tokens[s * args.document : (s + 1) * args.document]
+        session = await client.create_session()
+        await client.append(session.session_id, token_ids=document)
+        for t, question in enumerate(QUESTIONS[: args.turns]):
+            turn = f"\n\nQuestion {t + 1}: {question}\nAnswer:"
+            turns[t].append(
+                await lens_generate(client, turn, args.budget, args.max_tokens, session.session_id)
+            )
+            # The new turn's tokens alone; the tag keeps the prompt out of the prefix cache.
+            alone.append(
+                await lens_generate(client, f"[{s}.{t}]{turn}", args.budget, args.max_tokens)
+            )
+            resend = document + engine.encode(turn)
+            stateless.append(await lens_generate(client, resend, args.budget, args.max_tokens))
+        print(f"multi-turn session {s}: TTFT " + " ".join(f"{x[-1].ttft_s:.3f}" for x in turns))
+    later = [r for per_turn in turns[1:] for r in per_turn]
+    ttft_later, ttft_alone = median([r.ttft_s for r in later]), median([r.ttft_s for r in alone])
+    return {
+        "per_turn": [
+            {
+                "turn": t + 1,
+                "ttft_s_median": median([r.ttft_s for r in rs]),
+                "cached_share_median": median([r.cached_rows / r.prompt_rows for r in rs]),
+                "wc_rows_median": median([r.prompt_rows for r in rs]),
+            }
+            for t, rs in enumerate(turns)
+        ],
+        "ttft_s_median": {
+            "session_turn_2_on": ttft_later,
+            "new_turn_tokens_alone": ttft_alone,
+            "stateless_resend": median([r.ttft_s for r in stateless]),
+        },
+        "cached_share_turn_2_on_median": median([r.cached_rows / r.prompt_rows for r in later]),
+        "stateless_cached_share_median": median([r.cached_rows / r.prompt_rows for r in stateless]),
+        "ratio_turn_2_on_vs_alone": ttft_later / ttft_alone,
+        "target_ratio": 1.5,
+    }
+
+
+async def overhead(
+    stack: Stack, client: LensClient, engine: VllmEngine, settings: Settings, tokens: list[int],
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    table = engine.embedding_table()
+    gistnet = build_gistnet(
+        GistNetConfig(
+            kind=settings.gist_kind,  # type: ignore[arg-type]  # validated by Settings
+            block_size=settings.block_size,
+            rows=settings.gist_rows,
+            hidden_size=table.hidden_size,
+        )
+    )
+    if gistnet.version != stack.service.gistnet_version:
+        raise RuntimeError("bare vLLM would see other gists than the server")
+    chooser = stack.service.weights.chooser
+    runs: dict[str, list[Timed]] = {"lens_serve": [], "bare_vllm": []}
+    walls: dict[str, list[float]] = {"lens_serve": [], "bare_vllm": []}
+    throughput: dict[str, list[float]] = {"lens_serve": [], "bare_vllm": []}
+    n = args.streams
+    for r in range(args.rounds):
+        base = (r * n) * args.stride
+        windows = [tokens[base + i * args.stride :][: args.document] for i in range(n)]
+        rows = []
+        for window in windows:  # what the server will feed, chosen the same way
+            tree = LifetimeTree(gistnet, table)
+            tree.append(window)
+            wc = chooser.choose(tree, "lens", args.budget, settings.tail, seed=0).working_context
+            rows.append(assemble(tree, wc).to(engine.dtype))
+        order = ("lens_serve", "bare_vllm") if r % 2 == 0 else ("bare_vllm", "lens_serve")
+        for side in order:
+            began = time.perf_counter()
+            if side == "lens_serve":
+                jobs = [lens_generate(client, w, args.budget, args.max_tokens) for w in windows]
+            else:
+                jobs = [bare_generate(engine, x, args.max_tokens) for x in rows]
+            done = await asyncio.gather(*jobs)
+            wall = time.perf_counter() - began
+            runs[side] += done
+            walls[side].append(wall)
+            throughput[side].append(sum(d.completion_tokens for d in done) / wall)
+        lens_rows = sorted(d.prompt_rows for d in runs["lens_serve"][-n:])
+        if lens_rows != sorted(int(x.shape[0]) for x in rows):
+            raise RuntimeError("lens-serve and bare vLLM prompts differ in rows")
+        print(
+            f"overhead round {r}: wall lens-serve {walls['lens_serve'][-1]:.2f} s, "
+            f"bare vLLM {walls['bare_vllm'][-1]:.2f} s"
+        )
+    summary = {
+        side: {
+            "latency_s_p50": median([d.latency_s for d in done]),
+            "ttft_s_p50": median([d.ttft_s for d in done]),
+            "throughput_tok_s_median": median(throughput[side]),
+            "completion_tokens_total": sum(d.completion_tokens for d in done),
+            "cached_rows_max": max(d.cached_rows for d in done),
+            "prompt_rows_median": median([d.prompt_rows for d in done]),
+        }
+        for side, done in runs.items()
+    }
+    lens, bare = summary["lens_serve"], summary["bare_vllm"]
+    return {
+        **summary,
+        "latency_ratio_p50": lens["latency_s_p50"] / bare["latency_s_p50"],
+        "throughput_ratio": bare["throughput_tok_s_median"] / lens["throughput_tok_s_median"],
+        "target_ratio": 1.10,
+    }
+
+
+async def constant_cost(
+    client: LensClient, tokens: list[int], args: argparse.Namespace
+) -> dict[str, Any]:
+    sessions: dict[int, str] = {}
+    offset = 0
+    for lifetime in args.lifetimes:
+        session = await client.create_session()
+        await client.append(session.session_id, token_ids=tokens[offset : offset + lifetime])
+        offset += lifetime
+        sessions[lifetime] = session.session_id
+        # First turn builds the tree from the token log: reported, not in the p50.
+        first = await lens_generate(
+            client, "\n\nQ: Go on.", args.budget, args.max_tokens, sessions[lifetime]
+        )
+        print(f"constant cost {lifetime}: first turn {first.latency_s:.2f} s")
+    runs: dict[int, list[Timed]] = {lifetime: [] for lifetime in args.lifetimes}
+    for t in range(args.cost_turns):  # lifetimes interleaved, so machine noise hits all alike
+        for lifetime, sid in sessions.items():
+            prompt = f"\n\nQuestion {t + 1}: {QUESTIONS[t % len(QUESTIONS)]}\nAnswer:"
+            runs[lifetime].append(
+                await lens_generate(client, prompt, args.budget, args.max_tokens, sid)
+            )
+    summary = {
+        str(lifetime): {
+            "latency_s_p50": median([r.latency_s for r in rs]),
+            "ttft_s_p50": median([r.ttft_s for r in rs]),
+            "wc_choice_ms_p50": median([r.choice_ms for r in rs]),
+            "cached_share_median": median([r.cached_rows / r.prompt_rows for r in rs]),
+        }
+        for lifetime, rs in runs.items()
+    }
+    small, large = str(min(args.lifetimes)), str(max(args.lifetimes))
+    for name, s in summary.items():
+        print(f"constant cost {name}: p50 {s['latency_s_p50']:.3f} s, TTFT {s['ttft_s_p50']:.3f} s")
+    return {
+        "lifetimes": summary,
+        "ratio_largest_vs_smallest": summary[large]["latency_s_p50"]
+        / summary[small]["latency_s_p50"],
+        "target_ratio": 1.25,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    mt = result["multi_turn"]
+    turns = [p["turn"] for p in mt["per_turn"]]
+    axes[0].plot(turns, [p["ttft_s_median"] for p in mt["per_turn"]], "o-", label="session turn")
+    alone = mt["ttft_s_median"]["new_turn_tokens_alone"]
+    axes[0].axhline(alone, color="grey", ls="--", label="new turn's tokens alone")
+    axes[0].axhline(1.5 * alone, color="red", ls=":", label="target 1.5x")
+    axes[0].set(xlabel="turn", ylabel="TTFT (s, median)", title="multi-turn, W=1024")
+    share = axes[0].twinx()
+    share.plot(turns, [p["cached_share_median"] for p in mt["per_turn"]], "s-", color="green")
+    share.set(ylabel="WC rows from prefix cache", ylim=(0, 1.05))
+    axes[0].legend(fontsize=8)
+    ov = result["overhead"]
+    sides = ["lens_serve", "bare_vllm"]
+    axes[1].bar(sides, [ov[s]["latency_s_p50"] for s in sides])
+    axes[1].set(ylabel="p50 latency (s)", title=f"16 streams: ratio {ov['latency_ratio_p50']:.3f}")
+    cc = result["constant_cost"]["lifetimes"]
+    lifetimes = [int(k) for k in cc]
+    axes[2].plot(lifetimes, [v["latency_s_p50"] for v in cc.values()], "o-", label="latency")
+    axes[2].plot(lifetimes, [v["ttft_s_p50"] for v in cc.values()], "s-", label="TTFT")
+    axes[2].set(xscale="log", xlabel="lifetime tokens", ylabel="p50 (s)", ylim=(0, None))
+    axes[2].set_title("constant cost, W=1024")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    model_dir = resolve_model(args.model)
+    settings_kw: dict[str, Any] = dict(
+        model=str(model_dir), port=0, wc_budget=args.budget, max_wc_budget=args.budget,
+        max_model_len=args.max_model_len, max_session_tokens=max(args.lifetimes) + 100_000,
+        max_concurrency=64, shadow_rate=0.0,
+    )  # fmt: skip
+    probe = Settings(**settings_kw, redis_url="redis://unused")
+    engine = await VllmEngine.create(
+        EngineConfig(
+            model=str(model_dir),
+            dtype=probe.engine_dtype(),
+            max_model_len=args.max_model_len,
+            kv_cache_gib=args.kv_cache_gib,
+            max_num_seqs=args.streams,
+        )
+    )
+    try:
+        needed = max(
+            args.sessions * args.document,
+            (args.rounds * args.streams) * args.stride + args.document,
+            sum(args.lifetimes),
+        )
+        tokens = text_tokens(engine, needed)
+        with EmbeddedRedis() as redis_server:
+            settings = Settings(**settings_kw, redis_url=redis_server.url)
+            async with (
+                serving_stack(settings, engine) as stack,
+                LensClient(stack.target) as client,
+            ):
+                result = {
+                    "multi_turn": await multi_turn(client, engine, tokens, args),
+                    "overhead": await overhead(stack, client, engine, settings, tokens, args),
+                    "constant_cost": await constant_cost(client, tokens, args),
+                }
+    finally:
+        await engine.shutdown()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"config": config, "engine_dtype": str(engine.dtype), **result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--budget", type=int, default=1024, help="W, working-context rows")
+    parser.add_argument("--document", type=int, default=4096, help="tokens per document")
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--sessions", type=int, default=3, help="multi-turn sessions")
+    parser.add_argument("--streams", type=int, default=16, help="concurrent streams (overhead)")
+    parser.add_argument("--rounds", type=int, default=3, help="overhead rounds")
+    parser.add_argument("--stride", type=int, default=4096, help="offset between windows")
+    parser.add_argument("--lifetimes", type=int, nargs="+", default=[4096, 32768, 262144])
+    parser.add_argument("--cost-turns", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--kv-cache-gib", type=float, default=4.0)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/serving.json"))
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    mt, ov, cc = result["multi_turn"], result["overhead"], result["constant_cost"]
+    print(
+        f"multi-turn: TTFT turn>=2 {mt['ttft_s_median']['session_turn_2_on']:.3f} s vs new tokens "
+        f"alone {mt['ttft_s_median']['new_turn_tokens_alone']:.3f} s "
+        f"(ratio {mt['ratio_turn_2_on_vs_alone']:.2f}, target <= 1.5); cached share "
+        f"{mt['cached_share_turn_2_on_median']:.2f}; stateless resend "
+        f"{mt['ttft_s_median']['stateless_resend']:.3f} s"
+    )
+    print(
+        f"overhead: p50 latency ratio {ov['latency_ratio_p50']:.3f}, throughput ratio "
+        f"{ov['throughput_ratio']:.3f} (target <= 1.10)"
+    )
+    print(
+        f"constant cost: 256k/4k p50 ratio {cc['ratio_largest_vs_smallest']:.3f} (target <= 1.25)"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
