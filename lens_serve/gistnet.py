@@ -7,8 +7,9 @@ One interface, three kinds:
   dropping the block; it is the default until a trained GistNet is published.
 - `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
   1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
-- `transformer`: small trainable soft gists (learned queries attending over the children); its
-  distillation through the frozen model is a separate trainer job.
+- `transformer`: the `tokens` rows plus a learned residual (learned queries attending over the
+  children). The residual's output layer starts at zero, so an untrained net equals `tokens` and
+  distillation through the frozen model (`lens-trainer gistnet`) starts from a safe gist.
 
 For LOD1 the children are a block's `block_size` token rows; for LOD k>1 they are the `rows` rows
 of each of `block_size` child gists. Every kind returns `rows` rows per gist plus, per row, the
@@ -94,25 +95,30 @@ class GistNet(nn.Module):
         )
 
 
-class TokenGistNet(GistNet):
-    def _chosen(self, child_ids: torch.Tensor) -> torch.Tensor:
-        """(N, C) ids -> (N, R) positions of the shown tokens, in text order."""
-        c = child_ids.shape[1]
-        # Rank by BPE merge rank; among equal ids the later position wins (index added as a
-        # fraction < 1 keeps the order of ids). Soft rows (-1) are never chosen.
-        position = torch.arange(c, dtype=torch.float64) / c  # (C,)
-        score = child_ids.to(torch.float64) + position  # (N, C)
-        return score.topk(self.config.rows, dim=1).indices.sort(dim=1).values  # (N, R)
+def _chosen(child_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """(N, C) ids -> (N, R) positions of the shown tokens, in text order."""
+    c = child_ids.shape[1]
+    # Rank by BPE merge rank; among equal ids the later position wins (index added as a
+    # fraction < 1 keeps the order of ids). Soft rows (-1) rank below every token.
+    position = torch.arange(c, dtype=torch.float64) / c  # (C,)
+    score = child_ids.to(torch.float64) + position  # (N, C)
+    return score.topk(rows, dim=1).indices.sort(dim=1).values  # (N, R)
 
+
+def _token_gists(child_ids: torch.Tensor, child_embeds: torch.Tensor, rows: int) -> Gists:
+    chosen = _chosen(child_ids, rows)  # (N, R)
+    ids = child_ids.gather(1, chosen)  # (N, R)
+    n, d = chosen.shape[0], child_embeds.shape[-1]
+    embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, rows, d))  # (N, R, D)
+    return Gists(ids, embeds)
+
+
+class TokenGistNet(GistNet):
     def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
-        chosen = self._chosen(child_ids)  # (N, R)
-        ids = child_ids.gather(1, chosen)  # (N, R)
-        n, rows, d = *chosen.shape, child_embeds.shape[-1]
-        embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, rows, d))  # (N, R, D)
-        return Gists(ids, embeds)
+        return _token_gists(child_ids, child_embeds, self.config.rows)
 
     def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
-        ids = token_ids.gather(1, self._chosen(token_ids))  # (N, R)
+        ids = token_ids.gather(1, _chosen(token_ids, self.config.rows))  # (N, R)
         return Gists(ids, table(ids))  # only the shown tokens are embedded
 
 
@@ -135,8 +141,8 @@ class MeanGistNet(GistNet):
 
 
 class TransformerGistNet(GistNet):
-    """Learned queries read the children; outputs are rescaled to the children's mean row norm,
-    because the base model expects input rows of token-embedding scale."""
+    """`tokens` rows plus a residual read by learned queries from the children. Starting from
+    real token rows keeps the output at token-embedding scale and never worse than `tokens`."""
 
     def __init__(self, config: GistNetConfig) -> None:
         super().__init__(config)
@@ -150,6 +156,8 @@ class TransformerGistNet(GistNet):
             self.blocks = nn.ModuleList(Block(w, config.heads) for _ in range(config.layers))
             self.norm = nn.LayerNorm(w)
             self.out = nn.Linear(w, config.hidden_size)
+            nn.init.zeros_(self.out.weight)  # step 0 is exactly the `tokens` gist
+            nn.init.zeros_(self.out.bias)
         finally:
             torch.random.set_rng_state(generator_state)
 
@@ -161,9 +169,8 @@ class TransformerGistNet(GistNet):
         h = torch.cat([self.queries.expand(n, rows, -1), h], dim=1)  # (N, R + C, W)
         for block in self.blocks:
             h = block(h)
-        out = self.out(self.norm(h[:, :rows]))  # (N, R, D)
-        target_norm = x.norm(dim=-1).mean(dim=1, keepdim=True).unsqueeze(-1)  # (N, 1, 1)
-        out = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-6) * target_norm
+        base = _token_gists(child_ids, x, rows).embeds  # (N, R, D)
+        out = base + self.out(self.norm(h[:, :rows]))  # (N, R, D)
         ids = torch.full((n, rows), -1, dtype=torch.long)
         return Gists(ids, out.to(child_embeds.dtype))
 

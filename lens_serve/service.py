@@ -28,6 +28,7 @@ from lens_serve.context import WorkingContext, levels_for, validate_budget
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.engine import Engine, GenerationParams
 from lens_serve.errors import InvalidRequest, Overloaded
+from lens_serve.gist_store import current_gistnet
 from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet
 from lens_serve.models import resolve_model
 from lens_serve.policies import POLICIES, Choice, ContextChooser, check_feasible
@@ -186,7 +187,7 @@ class LensService:
     async def create(cls, settings: Settings, engine: Engine, redis: Redis) -> LensService:
         model_dir = resolve_model(settings.model, settings.models_dir)
         table = EmbeddingTable.from_checkpoint(model_dir)
-        gistnet = build_gistnet(
+        configured = build_gistnet(
             GistNetConfig(
                 kind=settings.gist_kind,  # type: ignore[arg-type]  # validated by Settings
                 block_size=settings.block_size,
@@ -194,6 +195,12 @@ class LensService:
                 hidden_size=table.hidden_size,
             )
         )
+        # A published GistNet replaces the configured one only if it fits this server's trees.
+        published = await current_gistnet(
+            redis, table.hidden_size, settings.block_size, settings.gist_rows
+        )
+        gistnet = published or configured
+        logger.info("GistNet %s (%s)", gistnet.version, "published" if published else "configured")
         weights = WeightStore(redis, table.hidden_size, settings.lens_seed, FocusConfig())
         await weights.start()
         store = SessionStore(
@@ -449,6 +456,8 @@ class LensService:
         """The session's cached tree, brought up to date with its Redis token log (the source of
         truth, which other replicas may also append to). Callers hold the session lock."""
         entry = self._trees.get(session_id)
+        if entry is not None and entry.tree.gistnet_version != self._gistnet.version:
+            entry = None  # built with another GistNet: its gists must not meet this one's
         if entry is None:
             tokens = await self.sessions.tokens(session_id, owner)
             entry = CachedSession(await asyncio.to_thread(self._tree, tokens))

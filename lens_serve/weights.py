@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,21 +65,32 @@ async def publish(
     """Write `net` as an immutable version (a no-op if it exists) and optionally make it current."""
     weights = checkpoint.weights_bytes(net)
     version = checkpoint.content_version("lens", net.config, weights)
+    await write_record(redis, weights_key(version), net.config, weights, metrics, parent)
+    if make_current:
+        await set_current(redis, version)
+    return version
+
+
+async def write_record(
+    redis: Redis,
+    key: str,
+    config: Any,
+    weights: bytes,
+    metrics: dict[str, Any] | None,
+    parent: str,
+) -> None:
+    """Write one immutable weights hash (shared by LensNet and GistNet versions)."""
     fields: dict[FieldT, EncodableT] = {
         "safetensors": weights,
         "sha256": hashlib.sha256(weights).hexdigest(),
-        "config": checkpoint.config_json(net.config),
+        "config": checkpoint.config_json(config),
         "metrics": json.dumps(metrics or {}, sort_keys=True),
         "created_at": repr(time.time()),
         "parent": parent,
     }
-    key = weights_key(version)
     # HSETNX on one field decides who writes: a version, once written, is never overwritten.
     if await redis.hsetnx(key, "sha256", fields["sha256"]):
         await redis.hset(key, mapping=fields)
-    if make_current:
-        await set_current(redis, version)
-    return version
 
 
 async def set_current(redis: Redis, version: str) -> None:
@@ -94,9 +106,14 @@ async def current_version(redis: Redis) -> str | None:
 
 
 async def fetch(redis: Redis, version: str) -> PublishedWeights:
-    raw = cast(dict[bytes, bytes], await redis.hgetall(weights_key(version)))
+    return await read_record(redis, weights_key(version), version, "LensNet weights")
+
+
+async def read_record(redis: Redis, key: str, version: str, what: str) -> PublishedWeights:
+    """Read one weights hash written by `write_record`; `what` names it in errors."""
+    raw = cast(dict[bytes, bytes], await redis.hgetall(key))
     if not raw:
-        raise NotFound(f"version {version!r}: no published LensNet weights")
+        raise NotFound(f"version {version!r}: no published {what}")
     try:
         return PublishedWeights(
             version=version,
@@ -113,6 +130,17 @@ async def fetch(redis: Redis, version: str) -> PublishedWeights:
 
 def verify_and_load(published: PublishedWeights, hidden_size: int) -> LensNet:
     """Checksum, config and shapes, then a strict load; the version must re-hash to its name."""
+    net: LensNet = verify_record(published, hidden_size, lensnet_from_bytes)
+    return net
+
+
+def verify_record(
+    published: PublishedWeights,
+    hidden_size: int,
+    build: Callable[[dict[str, Any], bytes], Any],
+) -> Any:
+    """Checksum, hidden size, a strict `build(config, weights)`, and the built module's `version`
+    re-hashing to the published name (shared by LensNet and GistNet versions)."""
     name = published.version
     if hashlib.sha256(published.weights).hexdigest() != published.sha256:
         raise WeightsRejected(f"version {name!r}: sha256 mismatch")
@@ -122,7 +150,7 @@ def verify_and_load(published: PublishedWeights, hidden_size: int) -> LensNet:
             f"this model's {hidden_size}"
         )
     try:
-        net = lensnet_from_bytes(published.config, published.weights)
+        net = build(published.config, published.weights)
     except Exception as e:  # any parse / shape failure means the weights are unusable
         raise WeightsRejected(f"version {name!r}: cannot load ({e})") from e
     if net.version != name:

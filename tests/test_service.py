@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -11,10 +12,14 @@ from redis.asyncio import Redis
 
 from lens_serve.allocator import FocusConfig
 from lens_serve.config import Settings
+from lens_serve.embedding import EmbeddingTable
 from lens_serve.errors import InvalidRequest, LensError, Overloaded
+from lens_serve.gist_store import publish_gistnet
 from lens_serve.gistnet import GistNetConfig, build_gistnet
 from lens_serve.service import GenerateEvent, GenerateInput, LensService, Sampling, ScoreInput
 from lens_serve.sessions import SessionFull, SessionNotFound, SessionStore
+from lens_serve.tree import LifetimeTree
+from lens_serve.tree_cache import CachedSession
 from lens_serve.weights import WeightStore
 from tests.core_helpers import HIDDEN, random_table
 from tests.fakes import FakeEngine
@@ -185,3 +190,43 @@ async def test_errors_carry_grpc_status_names(service: LensService) -> None:
     with pytest.raises(LensError) as raised:
         await service.get_session(OWNER, "f" * 32)
     assert raised.value.status == "NOT_FOUND"
+
+
+async def test_create_picks_up_the_published_gistnet(
+    redis_client: Redis, tiny_model_dir: Path
+) -> None:
+    table = EmbeddingTable.from_checkpoint(tiny_model_dir)
+    fields: dict[str, object] = dict(model=str(tiny_model_dir), block_size=4, gist_rows=1, tail=8)
+    settings = Settings(**fields)  # type: ignore[arg-type]
+    trained = build_gistnet(
+        GistNetConfig("transformer", block_size=4, hidden_size=table.hidden_size, seed=5)
+    )
+    mismatched = build_gistnet(
+        GistNetConfig("transformer", block_size=4, rows=2, hidden_size=table.hidden_size)
+    )
+    engine = FakeEngine(table)
+    await publish_gistnet(redis_client, mismatched)  # rows differ: rejected, configured kept
+    service = await LensService.create(settings, engine, redis_client)
+    await service.aclose()
+    assert service.gistnet_version.startswith("gist-tokens-")
+    await publish_gistnet(redis_client, trained)
+    service = await LensService.create(settings, engine, redis_client)
+    try:
+        assert service.gistnet_version == trained.version
+        score = await service.score(OWNER, ScoreInput(context="x" * 200, continuation="yz"))
+        assert score.view.gistnet_version == trained.version
+    finally:
+        await service.aclose()
+
+
+async def test_a_tree_built_with_another_gistnet_is_rebuilt(service: LensService) -> None:
+    session = await service.create_session(OWNER)
+    await service.append(OWNER, session.session_id, ["hello world " * 20])
+    other = build_gistnet(GistNetConfig("mean", block_size=4, hidden_size=HIDDEN))
+    tokens = await service.sessions.tokens(session.session_id, OWNER)
+    stale = LifetimeTree(other, random_table())
+    stale.append(tokens)
+    service._trees.put(session.session_id, CachedSession(stale))
+    events = await collect(service.generate(OWNER, GenerateInput(session.session_id, prompt="hi")))
+    usage = events[-1].usage
+    assert usage is not None and usage.gistnet_version == service.gistnet_version

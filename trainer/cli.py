@@ -3,6 +3,8 @@
     lens-trainer run [--redis-url URL] [--model NAME|PATH] [--min-records N]
                      [--steps-per-version K] [--offline-dump FILE] ...
     lens-trainer dump --out FILE [--redis-url URL]
+    lens-trainer gistnet [--model NAME|PATH] [--rows R] [--lod1-steps N] [--lod2-steps M]
+                         [--out DIR] [--resume] [--redis-url URL]
 
 Every `run` flag is also settable as `LENS_TRAINER_<FLAG>`; flags override the environment."""
 
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -25,6 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from lens_serve.log import configure_logging
+from trainer.distill import DistillConfig
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,20 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("--out", type=Path, required=True, help="output file")
     dump.add_argument("--redis-url", dest="redis_url", default=None, help="Redis URL")
     dump.set_defaults(func=_dump)
+    gist = commands.add_parser("gistnet", help="distil a GistNet through the frozen base model")
+    gist.add_argument("--model", default="smollm2-135m", help="base model name or directory")
+    gist.add_argument("--models-dir", type=Path, default=None, help="prepared models root")
+    gist.add_argument("--out", type=Path, default=None, help="checkpoint dir (default: "
+                      "<models dir>/gistnet/<model>-r<rows>)")  # fmt: skip
+    gist.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    gist.add_argument(
+        "--redis-url", default=None, help="publish the result as lens:gistnet:current"
+    )
+    gist.add_argument("--max-tokens", type=int, default=400_000, help="training text (tokens)")
+    for field in dataclasses.fields(DistillConfig):
+        gist.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default),
+                          default=field.default, help=f"default {field.default}")  # fmt: skip
+    gist.set_defaults(func=_gistnet)
     return parser
 
 
@@ -169,4 +188,51 @@ async def _dump_async(url: str, out: Path) -> int:
     finally:
         await redis.aclose()
     logger.info("wrote %d records to %s", count, out)
+    return 0
+
+
+def _gistnet(args: argparse.Namespace) -> int:
+    import torch
+
+    from lens_serve.models import models_dir, resolve_model
+    from lens_serve.scoring import load_causal_lm
+    from trainer.distill import distill
+    from trainer.gist_data import training_tokens
+
+    config = DistillConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)}
+    )
+    try:
+        model_dir = resolve_model(args.model, args.models_dir)
+    except (FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"lens-trainer: model: {e}\n")
+        return 2
+    out = (
+        args.out
+        or (args.models_dir or models_dir()) / "gistnet" / f"{model_dir.name}-r{config.rows}"
+    )
+    torch.manual_seed(config.seed)
+    tokens = training_tokens(model_dir, args.max_tokens)
+    result = distill(load_causal_lm(model_dir), tokens, config, out, resume=args.resume)
+    recent = result.history[-10:]
+    metrics = {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "kl_last10": sum(h["kl"] for h in recent) / max(len(recent), 1),
+        "config": dataclasses.asdict(config),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logger.info("GistNet %s: %d steps in %.0f s, written to %s",
+                result.net.version, result.steps, result.seconds, out)  # fmt: skip
+    if args.redis_url:
+        from lens_serve.gist_store import publish_gistnet
+
+        async def publish() -> str:
+            redis = _redis(args.redis_url)
+            try:
+                return await publish_gistnet(redis, result.net, metrics=metrics)
+            finally:
+                await redis.aclose()
+
+        logger.info("published %s", asyncio.run(publish()))
     return 0
