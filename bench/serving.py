@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -340,7 +341,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sum(args.lifetimes),
         )
         tokens = text_tokens(engine, needed)
-        with EmbeddedRedis() as redis_server:
+        with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data)) as redis_server:
             settings = Settings(**settings_kw, redis_url=redis_server.url)
             async with (
                 serving_stack(settings, engine) as stack,
