@@ -1,0 +1,182 @@
+"""Can the frozen model read the gists? NLL of the next tokens on held-out essays with old text
+dropped, raw, or collapsed to gists of each kind, at several compressions; plus a needle test.
+
+    lens-trainer gistnet --rows 4 --lod1-steps 140 --lod2-steps 8 --batch-size 2 \
+        --prefix 32 --horizon 32            # -> models/gistnet/smollm2-135m-r4
+    lens-trainer gistnet --rows 1 ...       # -> models/gistnet/smollm2-135m-r1
+    python bench/gists.py [--windows 8] [--trained-r4 DIR] [--trained-r1 DIR]
+
+A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The old text is
+`dropped` (the recent tokens only), `raw` (the upper bound), or gists of its 32 blocks: `8x` (LOD1,
+4 rows per block: 128 rows), `32x` (LOD1, 1 row: 32 rows), `lod2` (one LOD2 gist of 4 rows). Gist
+kinds at a compression use equal rows; `recency` spends those same rows on more raw recent tokens
+instead (the fair "drop" at equal WC rows). The needle test puts a fact at the start of the old
+text and asks for it after the recent text; the answer's NLL is reported per condition.
+
+Trained gists come from `lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
+Writes bench/out/gists.json and bench/out/gists.png; lower NLL is better."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lens_serve.demo import held_out_tokens
+from lens_serve.embedding import EmbeddingTable
+from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, load_gistnet
+from lens_serve.models import models_dir, resolve_model
+from lens_serve.scoring import continuation_nll, load_causal_lm
+from lens_serve.tree import LifetimeTree
+
+OLD, RECENT, TARGET = 1024, 64, 64
+# compression -> (gist rows per block, tree level shown)
+COMPRESSIONS = {"8x": (4, 1), "32x": (1, 1), "lod2": (4, 2)}
+NEEDLE = "Remember this: the secret code word is {word}. "
+QUESTION = " Question: what is the secret code word? Answer: the secret code word is"
+WORDS = ("pelican", "sapphire", "lantern", "quartz", "meadow", "trombone", "glacier", "saffron")
+
+
+def gist_rows(net: GistNet, table: EmbeddingTable, old: list[int], level: int) -> torch.Tensor:
+    """The old text as a server's tree shows it at `level`: (rows, D)."""
+    tree = LifetimeTree(net, table)
+    tree.append(old)
+    return tree.gist_embeds(level, np.arange(tree.node_count(level))).flatten(0, 1)
+
+
+def contexts(
+    nets: dict[str, dict[str, GistNet]], table: EmbeddingTable, old: list[int], recent: list[int]
+) -> dict[str, torch.Tensor]:
+    """condition name -> (rows, D) context rows."""
+    recent_rows = table(torch.tensor(recent))  # (RECENT, D)
+    out = {
+        "dropped": recent_rows,
+        "raw": table(torch.tensor(old + recent)),
+    }
+    for name, (_, level) in COMPRESSIONS.items():
+        for kind, net in nets[name].items():
+            out[f"{name}/{kind}"] = torch.cat([gist_rows(net, table, old, level), recent_rows])
+        n = out[f"{name}/tokens"].shape[0]
+        out[f"{name}/recency"] = table(torch.tensor((old + recent)[-n:]))
+    return out
+
+
+def load_nets(hidden: int, trained: dict[int, Path]) -> dict[str, dict[str, GistNet]]:
+    nets: dict[str, dict[str, GistNet]] = {}
+    for name, (rows, _) in COMPRESSIONS.items():
+        nets[name] = {
+            kind: build_gistnet(GistNetConfig(kind, rows=rows, hidden_size=hidden))
+            for kind in ("tokens", "mean")
+        }
+        if rows in trained:
+            nets[name]["trained"] = load_gistnet(trained[rows])
+    return nets
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--needles", type=int, default=4)
+    parser.add_argument("--stride", type=int, default=2000)
+    parser.add_argument("--trained-r4", type=Path, default=None)
+    parser.add_argument("--trained-r1", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/gists.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2))  # share the cores
+    model_dir = resolve_model(args.model)
+    default_dir = models_dir() / "gistnet"
+    trained = {
+        rows: path
+        for rows, path in (
+            (4, args.trained_r4 or default_dir / f"{model_dir.name}-r4"),
+            (1, args.trained_r1 or default_dir / f"{model_dir.name}-r1"),
+        )
+        if (path / "gistnet.json").exists()
+    }
+    span = OLD + RECENT + TARGET
+    ids = held_out_tokens(model_dir, span + args.stride * (args.windows - 1))
+    table = EmbeddingTable.from_checkpoint(model_dir)
+    model = load_causal_lm(model_dir)
+    nets = load_nets(table.hidden_size, trained)
+    runs: dict[str, list[float]] = {}
+    for w in range(args.windows):
+        window = ids[w * args.stride : w * args.stride + span]
+        old, recent = window[:OLD], window[OLD : OLD + RECENT]
+        target = torch.tensor(window[OLD + RECENT :])
+        for name, rows in contexts(nets, table, old, recent).items():
+            runs.setdefault(name, []).append(float(continuation_nll(model, rows, target).mean()))
+        print(f"window {w}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in runs.items()), flush=True)
+    needles = needle_test(model, model_dir, table, nets, ids, args.needles)
+    summary = {k: statistics.mean(v) for k, v in runs.items()}
+    needle_summary = {k: statistics.mean(v) for k, v in needles.items()}
+    for name in runs:
+        print(
+            f"{name:18s} next-{TARGET} NLL {summary[name]:.3f}  needle {needle_summary[name]:.3f}"
+        )
+    report = {
+        "config": {"old": OLD, "recent": RECENT, "target": TARGET, "windows": args.windows,
+                   "needles": args.needles, "trained": {str(k): str(v) for k, v in trained.items()},
+                   "versions": {f"{c}/{k}": n.version for c, d in nets.items()
+                                for k, n in d.items()}},
+        "nll": summary,
+        "needle_nll": needle_summary,
+        "runs": runs,
+        "needle_runs": needles,
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(summary, needle_summary, args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+def needle_test(
+    model: Any,
+    model_dir: Path,
+    table: EmbeddingTable,
+    nets: dict[str, dict[str, GistNet]],
+    ids: list[int],
+    count: int,
+) -> dict[str, list[float]]:
+    """A fact at the start of the old text; NLL of its answer after the recent text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out: dict[str, list[float]] = {}
+    for i in range(count):
+        word = WORDS[i % len(WORDS)]
+        fact: list[int] = tokenizer(NEEDLE.format(word=word))["input_ids"]
+        question: list[int] = tokenizer(QUESTION)["input_ids"]
+        answer = torch.tensor(tokenizer(" " + word)["input_ids"])
+        hay = ids[i * 3000 + 7 : i * 3000 + 7 + OLD + RECENT]
+        old = (fact + hay)[:OLD]
+        recent = hay[-(RECENT - len(question)) :] + question
+        for name, rows in contexts(nets, table, old, recent).items():
+            out.setdefault(name, []).append(float(continuation_nll(model, rows, answer).mean()))
+    return out
+
+
+def plot(summary: dict[str, float], needles: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    for ax, values, title in ((axes[0], summary, f"next {TARGET} tokens"),
+                              (axes[1], needles, "needle answer")):  # fmt: skip
+        ax.barh(names, [values[n] for n in names])
+        ax.set_title(f"{title}: NLL (nats/token, lower is better)")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
