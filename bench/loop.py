@@ -11,7 +11,8 @@ here is on needles built from held-out essays.
 Reports: held-out preference agreement over trainer steps (from each published version's
 metrics; target >= 0.7); the answer's mean NLL under lens / recency / uniform / random / full before
 and after training (target: lens beats every baseline after training); publish -> first response
-on the new version (target p50 <= 1 s) and failed requests (target 0); records/s appended to a
+on the new version, for the trainer's versions and for `--swaps` versions published while only
+probes run (target p50 <= 1 s) and failed requests (target 0); records/s appended to a
 local Redis (target >= 1000/s); trainer steps/s.
 
     python bench/loop.py [--traffic-seconds 300] [--out bench/out/loop.json]
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from redis.asyncio import Redis
 
 from lens_serve import corpus, metrics, weights
@@ -43,6 +45,7 @@ from lens_serve.client import LensClient
 from lens_serve.config import Settings
 from lens_serve.engine import EngineConfig, VllmEngine
 from lens_serve.inprocess import Stack, serving_stack
+from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.preferences import PREFS_STREAM, PreferenceLog, decode_record
 from lens_serve.redis_embedded import EmbeddedRedis
@@ -166,6 +169,24 @@ class Traffic:
             return None
 
 
+async def publish_under_probes(
+    traffic: Traffic, stack: Stack, args: argparse.Namespace
+) -> list[weights.PublishedWeights]:
+    """Publish `args.swaps` versions `args.swap_spacing` seconds apart while probes run."""
+    stop = time.monotonic() + (args.swaps + 1) * args.swap_spacing
+    probing = asyncio.create_task(traffic.probes_every(args.probe_interval, stop))
+    published = []
+    for i in range(args.swaps):
+        await asyncio.sleep(args.swap_spacing)
+        net = LensNet(LensNetConfig(hidden_size=stack.service.engine.hidden_size, seed=args.seed))
+        with torch.no_grad():
+            net.head.bias.fill_(1e-3 * (i + 1))  # a new content-addressed version
+        version = await weights.publish(stack.redis, net)
+        published.append(await weights.fetch(stack.redis, version))
+    await probing
+    return published
+
+
 def swap_latencies(
     published: Sequence[weights.PublishedWeights], probes: Sequence[Probe]
 ) -> list[float]:
@@ -270,6 +291,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     **await answer_nll(client, eval_needles, args.budget, ["lens"]),
                 }
                 print("after:  " + ", ".join(f"{p} {v:.3f}" for p, v in after.items()))
+                # Swap latency does not depend on what was learned: also publish nudged copies
+                # of the initial LensNet while probes run, as a trainer would.
+                swapped = await publish_under_probes(traffic, stack, args)
                 records = int(await stack.redis.xlen(PREFS_STREAM))
                 redis_rate = await records_per_second(stack.redis, args.redis_records)
                 dropped = sum(
@@ -280,7 +304,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
     finally:
         await engine.shutdown()
-    latencies = swap_latencies(published, traffic.probes)
+    latencies = swap_latencies([*published, *swapped], traffic.probes)
     curve = [
         {"steps": v.metrics.get("steps"), "agreement": v.metrics.get("agreement"),
          "current_agreement": v.metrics.get("current_agreement"), "version": v.version}
@@ -349,6 +373,8 @@ def main() -> None:
     parser.add_argument("--variants", type=int, default=4, help="random shadow variants")
     parser.add_argument("--traffic-seconds", type=float, default=300)
     parser.add_argument("--probe-interval", type=float, default=0.1)
+    parser.add_argument("--swaps", type=int, default=8, help="extra versions published")
+    parser.add_argument("--swap-spacing", type=float, default=3.0, help="seconds between them")
     parser.add_argument("--eval-needles", type=int, default=3)
     parser.add_argument("--min-records", type=int, default=16)
     parser.add_argument("--steps-per-version", type=int, default=200)
