@@ -195,7 +195,8 @@ async def overhead(
     throughput: dict[str, list[float]] = {"lens_serve": [], "bare_vllm": []}
     n = args.streams
     for r in range(args.rounds):
-        base = (r * n) * args.stride
+        # Past the multi-turn documents, whose rows the prefix cache still holds.
+        base = args.sessions * args.document + (r * n) * args.stride
         windows = [tokens[base + i * args.stride :][: args.document] for i in range(n)]
         rows = []
         for window in windows:  # what the server will feed, chosen the same way
@@ -336,8 +337,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     try:
         needed = max(
-            args.sessions * args.document,
-            (args.rounds * args.streams) * args.stride + args.document,
+            args.sessions * args.document
+            + (args.rounds * args.streams - 1) * args.stride
+            + args.document,
             sum(args.lifetimes),
         )
         tokens = text_tokens(engine, needed)
