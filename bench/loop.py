@@ -43,7 +43,7 @@ from redis.asyncio import Redis
 from lens_serve import corpus, metrics, weights
 from lens_serve.client import LensClient
 from lens_serve.config import Settings
-from lens_serve.engine import EngineConfig, VllmEngine
+from lens_serve.engine import VllmEngine
 from lens_serve.inprocess import Stack, serving_stack
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
@@ -246,16 +246,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=MAX_POSITIONS, max_session_tokens=max_lifetime * 2,
         shadow_rate=1.0, shadow_target="prompt", shadow_variants=args.variants,
         shadow_max_lifetime=max_lifetime + 64, lens_poll_seconds=0.2,
+        kv_cache_gib=args.kv_cache_gib,
     )  # fmt: skip
-    probe = Settings(**settings_kw, redis_url="redis://unused")
-    engine = await VllmEngine.create(
-        EngineConfig(
-            model=str(model_dir),
-            dtype=probe.engine_dtype(),
-            max_model_len=probe.max_model_len,
-            kv_cache_gib=args.kv_cache_gib,
-        )
-    )
+    # The engine starts before Redis does, so it is configured from settings without a URL yet.
+    engine_settings = Settings(**settings_kw, redis_url="redis://unused")
+    engine = await VllmEngine.create(engine_settings.engine_config(model_dir))
     try:
         train = NeedleMaker(engine, held_out=False, seed=args.seed, facts=args.facts)
         held_out = NeedleMaker(engine, held_out=True, seed=args.seed + 1, facts=args.facts)

@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from lens_serve import corpus
 from lens_serve.assembly import assemble
 from lens_serve.client import LensClient
 from lens_serve.config import Settings
-from lens_serve.engine import EngineConfig, VllmEngine
+from lens_serve.engine import VllmEngine
 from lens_serve.gistnet import GistNetConfig, build_gistnet
 from lens_serve.inprocess import Stack, serving_stack
 from lens_serve.models import resolve_model
@@ -323,18 +323,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings_kw: dict[str, Any] = dict(
         model=str(model_dir), port=0, wc_budget=args.budget, max_wc_budget=args.budget,
         max_model_len=args.max_model_len, max_session_tokens=max(args.lifetimes) + 100_000,
-        max_concurrency=64, shadow_rate=0.0,
+        max_concurrency=64, shadow_rate=0.0, kv_cache_gib=args.kv_cache_gib,
     )  # fmt: skip
-    probe = Settings(**settings_kw, redis_url="redis://unused")
-    engine = await VllmEngine.create(
-        EngineConfig(
-            model=str(model_dir),
-            dtype=probe.engine_dtype(),
-            max_model_len=args.max_model_len,
-            kv_cache_gib=args.kv_cache_gib,
-            max_num_seqs=args.streams,
-        )
-    )
+    # The engine starts before Redis does, so it is configured from settings without a URL yet.
+    engine_config = Settings(**settings_kw, redis_url="redis://unused").engine_config(model_dir)
+    engine = await VllmEngine.create(replace(engine_config, max_num_seqs=args.streams))
     try:
         needed = max(
             args.sessions * args.document

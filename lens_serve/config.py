@@ -5,12 +5,15 @@ Bad combinations are refused at start-up with a message naming the field."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lens_serve.gistnet import GIST_KINDS
+
+if TYPE_CHECKING:
+    from lens_serve.engine import EngineConfig
 
 
 class Settings(BaseSettings):
@@ -124,6 +127,19 @@ class Settings(BaseSettings):
         import torch  # deferred: only the server needs it
 
         return "bfloat16" if torch.cuda.is_available() else "float32"
+
+    def engine_config(self, model_dir: Path) -> EngineConfig:
+        """How to start vLLM on the prepared model in `model_dir` with these settings."""
+        from lens_serve.engine import EngineConfig  # deferred: imports torch
+
+        return EngineConfig(
+            model=str(model_dir),
+            dtype=self.engine_dtype(),
+            max_model_len=self.max_model_len,
+            kv_cache_gib=self.kv_cache_gib,
+            enforce_eager=self.enforce_eager,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+        )
 
     @property
     def tokens(self) -> frozenset[str]:

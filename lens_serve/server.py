@@ -292,20 +292,13 @@ async def _load(
     exists."""
     # Heavy imports (torch, vLLM) only here: the CLI has configured logging before they load, and
     # importing this module (tests, `--help`) stays cheap.
-    from lens_serve.engine import EngineConfig, VllmEngine
+    from lens_serve.engine import VllmEngine
     from lens_serve.models import resolve_model
     from lens_serve.service import LensService
     from lens_serve.servicer import LensAdminServicer, LensServeServicer
 
     model_dir = await asyncio.to_thread(resolve_model, settings.model, settings.models_dir)
-    config = EngineConfig(
-        model=str(model_dir),
-        dtype=settings.engine_dtype(),
-        max_model_len=settings.max_model_len,
-        kv_cache_gib=settings.kv_cache_gib,
-        enforce_eager=settings.enforce_eager,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-    )
+    config = settings.engine_config(model_dir)
     logger.info("loading engine: %s", config)
     engine = await VllmEngine.create(config)
     domain.push_async_callback(_step, "engine shut down", engine.shutdown)
