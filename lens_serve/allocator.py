@@ -5,10 +5,14 @@ at row p costs the recomputation of all rows after p: each candidate's key is it
 `cache_weight` times that fraction (for a fresh working context nothing is cached and the weight is
 zero). Per step:
 
-1. Budget: while the tiling has more rows than the budget (new tokens arrived), collapse the
-   candidates with the lowest key: low-scoring spans near the tail go first.
+1. Budget: when the tiling has more rows than the budget (new tokens arrived), collapse the
+   candidates with the lowest key (low-scoring spans near the tail go first) until it is
+   `refit_headroom` of the budget below it. A session's next turns then only append rows, which
+   keeps the whole cached prefix; without headroom every turn would edit just before the tail and
+   recompute everything from there.
 2. Improve: take expand candidates (score > expand_threshold) in descending key; an expand that
-   fits the free rows is applied; otherwise it is paid for by collapses in ascending key, but only
+   fits the free rows is applied (on a continuing session the headroom is not free: it is kept for
+   the next turns' tokens); otherwise it is paid for by collapses in ascending key, but only
    those whose key is below the expand's by `expand_threshold + collapse_threshold` (the deadband
    that keeps the choice from flapping). At most `max_edits` edits per step.
 3. Hysteresis: a unit created by an edit cannot be undone for `cooldown_steps` steps.
@@ -40,6 +44,8 @@ class FocusConfig:
     """Steps during which a unit created by an edit cannot be undone."""
     cache_weight: float = 0.5
     """Score units charged per fraction of the working context's rows an edit recomputes."""
+    refit_headroom: float = 0.25
+    """Share of the budget a continuing session's refit leaves free for the next turns' tokens."""
 
 
 @dataclass
@@ -106,10 +112,12 @@ def refocus(
     step = state.step + 1
     cooled = {u for u, made in state.created_at.items() if step - made < config.cooldown_steps}
     scores = np.asarray(scores[: len(tiling.units)], dtype=np.float64)
+    # A fresh WC has nothing cached to keep, so it may use every row of the budget.
+    target = budget if fresh else budget - int(config.refit_headroom * budget)
     forced = 0
     while tiling.rows > budget:
         tiling, scores, applied = _force_fit(
-            tiling, scores, budget, tail, node_counts, config, fresh
+            tiling, scores, target, tail, node_counts, config, fresh
         )
         if not applied:
             raise InvalidRequest(
@@ -117,7 +125,7 @@ def refocus(
             )
         forced += applied
     tiling, scores, expands, collapses, created = _improve(
-        tiling, scores, budget, tail, node_counts, config, fresh, cooled
+        tiling, scores, target, tail, node_counts, config, fresh, cooled
     )
     made = {u: s for u, s in state.created_at.items() if step - s < config.cooldown_steps}
     made.update(dict.fromkeys(created, step))
@@ -136,13 +144,13 @@ def _cache_penalty(tiling: Tiling, config: FocusConfig, fresh: bool) -> np.ndarr
 def _force_fit(
     tiling: Tiling,
     scores: np.ndarray,
-    budget: int,
+    target: int,
     tail: int,
     node_counts: list[int],
     config: FocusConfig,
     fresh: bool,
 ) -> tuple[Tiling, np.ndarray, int]:
-    excess = tiling.rows - budget
+    excess = tiling.rows - target
     penalty = _cache_penalty(tiling, config, fresh)
     chosen: list[_Collapse] = []
     taken: set[int] = set()
@@ -160,7 +168,7 @@ def _force_fit(
 def _improve(
     tiling: Tiling,
     scores: np.ndarray,
-    budget: int,
+    limit: int,
     tail: int,
     node_counts: list[int],
     config: FocusConfig,
@@ -183,7 +191,7 @@ def _improve(
         if not any(u in cooled for u in tiling.units[c.position : c.position + c.length])
     ]
     margin = config.expand_threshold + config.collapse_threshold
-    slack = budget - tiling.rows
+    slack = max(limit - tiling.rows, 0)  # rows past `limit` are a continuing session's headroom
     taken: set[int] = set()
     chosen_expands: list[int] = []
     chosen_collapses: list[_Collapse] = []

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     bfloat16 on CPUs without bf16 matrix instructions, and exact for teacher-forced scores)."""
     kv_cache_gib: float = Field(4.0, gt=0)
     """CPU engines: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    kv_block_size: int = Field(0, ge=0)
+    """Tokens per KV-cache block. 0 = auto: 32 on a CPU (the least its attention kernel takes),
+    vLLM's default (16) on a GPU. The prefix cache keeps whole blocks only; vLLM's CPU default of
+    128 made every session turn recompute up to 127 rows (measured: turn >= 2 TTFT 0.78 s at 128,
+    0.40 s at 32; full prefills equally fast)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """GPU engines: share of GPU memory vLLM may take."""
     enforce_eager: bool = False
@@ -128,6 +133,13 @@ class Settings(BaseSettings):
 
         return "bfloat16" if torch.cuda.is_available() else "float32"
 
+    def engine_kv_block_size(self) -> int | None:
+        if self.kv_block_size:
+            return self.kv_block_size
+        import torch  # deferred: only the server needs it
+
+        return None if torch.cuda.is_available() else 32
+
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """How to start vLLM on the prepared model in `model_dir` with these settings."""
         from lens_serve.engine import EngineConfig  # deferred: imports torch
@@ -137,6 +149,7 @@ class Settings(BaseSettings):
             dtype=self.engine_dtype(),
             max_model_len=self.max_model_len,
             kv_cache_gib=self.kv_cache_gib,
+            kv_block_size=self.engine_kv_block_size(),
             enforce_eager=self.enforce_eager,
             gpu_memory_utilization=self.gpu_memory_utilization,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lens_serve.allocator import FocusConfig
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet
 from lens_serve.lensnet import LensNet, LensNetConfig
@@ -45,8 +46,8 @@ def random_lensnet(seed: int) -> LensNet:
     return net
 
 
-def chooser(seed: int = 0) -> ContextChooser:
-    return ContextChooser(random_lensnet(seed))
+def chooser(seed: int = 0, focus: FocusConfig | None = None) -> ContextChooser:
+    return ContextChooser(random_lensnet(seed), focus)
 
 
 def node_counts(tree: LifetimeTree) -> list[int]:

@@ -42,6 +42,7 @@ def tiny_engine_config(model_dir: Path, **overrides: Any) -> EngineConfig:
         kv_cache_gib=1.0,
         enforce_eager=True,
         max_num_seqs=16,
+        kv_block_size=32,  # the server's CPU default (Settings.kv_block_size)
     )
     return dataclasses.replace(base, **overrides)
 

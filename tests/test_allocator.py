@@ -56,7 +56,7 @@ def test_deadband_blocks_swaps_between_close_scores() -> None:
 
 def test_new_tokens_over_budget_collapse_near_the_tail_to_keep_the_prefix() -> None:
     tree = make_tree(2000, block_size=B)
-    chooser_ = chooser()
+    chooser_ = chooser(focus=FocusConfig(refit_headroom=0))  # the least the budget needs
     chooser_.lensnet.head.weight.data.zero_()  # flat scores: only the cache cost decides
     chooser_.lensnet.head.bias.data.zero_()
     first = chooser_.choose(tree, "lens", 300, 16)
@@ -64,11 +64,33 @@ def test_new_tokens_over_budget_collapse_near_the_tail_to_keep_the_prefix() -> N
     second = chooser_.choose(tree, "lens", 300, 16, state=first.focus)
     assert second.stats is not None and second.stats.forced_collapses > 0
     a, b = first.working_context, second.working_context
-    kept = np.flatnonzero(
-        (a.lods != b.lods[: len(a.lods)]) | (a.starts != b.starts[: len(a.starts)])
-    )
-    first_changed = int(kept[0]) if len(kept) else len(a.lods)
-    assert first_changed > 0.8 * len(a.lods)  # the edit happened near the end
+    n = min(len(a.lods), len(b.lods))
+    changed = np.flatnonzero((a.lods[:n] != b.lods[:n]) | (a.starts[:n] != b.starts[:n]))
+    first_changed = int(changed[0]) if len(changed) else n
+    assert first_changed > 0.8 * len(a.lods)  # the edits happened near the end
+
+
+def test_a_refit_leaves_headroom_so_the_next_turns_only_append() -> None:
+    tree = make_tree(2000, block_size=B)
+    chooser_ = chooser()
+    chooser_.lensnet.head.weight.data.zero_()
+    chooser_.lensnet.head.bias.data.zero_()
+    turn = chooser_.choose(tree, "lens", 300, 16)
+    assert turn.working_context.rows > 290  # a fresh WC uses the whole budget
+    tree.append(np.arange(40) % 500)
+    turn = chooser_.choose(tree, "lens", 300, 16, state=turn.focus)
+    headroom = int(FocusConfig().refit_headroom * 300)
+    assert turn.working_context.rows <= 300 - headroom
+    for _ in range(3):  # 3 x 20 new rows fit in the headroom: no edit, the prefix stays
+        tree.append(np.arange(20) % 500)
+        before = turn.working_context
+        turn = chooser_.choose(tree, "lens", 300, 16, state=turn.focus)
+        assert turn.stats is not None and turn.stats.forced_collapses == 0
+        after = turn.working_context
+        n = len(before.lods)
+        assert len(after.lods) == n + 20  # the old WC is a prefix of the new one
+        np.testing.assert_array_equal(after.lods[:n], before.lods)
+        np.testing.assert_array_equal(after.starts[:n], before.starts)
 
 
 def test_cooldown_prevents_undoing_a_fresh_edit() -> None:

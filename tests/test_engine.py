@@ -129,6 +129,7 @@ def test_continuation_logprobs_rejects_misaligned_entries() -> None:
         ({"max_num_seqs": 0}, "max_num_seqs"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"dtype": "int8"}, "dtype"),
+        ({"kv_block_size": 0}, "kv_block_size"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs: dict[str, Any], field: str) -> None:
@@ -506,7 +507,7 @@ async def test_tokenizer_and_model_facts(vllm_engine: VllmEngine) -> None:
     assert vllm_engine.hidden_size == 256
     assert vllm_engine.max_model_len == 2048
     assert vllm_engine.vocab_size == 4096
-    assert vllm_engine.block_size > 0
+    assert vllm_engine.block_size == 32  # EngineConfig.kv_block_size reaches vLLM
     ids = vllm_engine.encode("def f(x):\n    return x\n")
     assert vllm_engine.decode(ids) == "def f(x):\n    return x\n"
     chat = vllm_engine.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -227,6 +227,20 @@ def test_serve_flags_override_env_and_env_fills_the_rest(
     assert settings.tail == Settings.model_fields["tail"].default  # untouched field keeps default
 
 
+def test_engine_config_follows_the_settings(tmp_path: Path) -> None:
+    import torch
+
+    auto = Settings.model_validate({"redis_url": "redis://unused"}).engine_config(tmp_path)
+    assert auto.model == str(tmp_path)
+    assert auto.kv_block_size == (None if torch.cuda.is_available() else 32)
+    assert auto.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+    chosen = Settings.model_validate(
+        {"redis_url": "redis://unused", "kv_block_size": 128, "dtype": "bfloat16"}
+    )
+    config = chosen.engine_config(tmp_path)
+    assert (config.kv_block_size, config.dtype) == (128, "bfloat16")
+
+
 def test_serve_log_json_flag_configures_json_logs(
     captured_settings: list[Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
