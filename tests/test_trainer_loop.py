@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,13 @@ async def test_trainer_learns_from_the_stream_and_publishes_when_the_gate_passes
     assert result.steps == 60
     assert result.published, result.last_decision
     lines = out.getvalue().splitlines()
-    assert lines == [f"published {v}" for v in result.published]
+    assert [line for line in lines if line.startswith("published ")] == [
+        f"published {v}" for v in result.published
+    ]
+    # Every gate, passed or not, reports its held-out agreement: three gates in 60 steps.
+    reports = [json.loads(line.removeprefix("report ")) for line in lines if line[:7] == "report "]
+    assert [r["steps"] for r in reports] == [20, 40, 60]
+    assert sum(r["passed"] for r in reports) >= len(result.published)
     current = await current_version(redis_client)
     assert current == result.published[-1]
     published = await fetch(redis_client, current)
@@ -221,17 +228,30 @@ async def test_unusable_records_are_acknowledged_and_noted(
 
 
 async def test_trainer_follows_a_version_pinned_by_an_operator(
-    redis_client: Redis, redis_url: str
+    redis_client: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await _fill(redis_client)
     first, _ = _trainer(redis_client, redis_url, max_steps=20)
     await first.run()
     (pinned,) = first.result.published
     trainer, _ = _trainer(redis_client, redis_url, max_steps=40)
+    # Step 6 waits for the pin, so the pin lands before the step-20 gate however loaded the
+    # machine is (steps run in a worker thread and could otherwise race past it).
+    pinned_now = threading.Event()
+    optimizer = type(trainer._trainer)  # replaced on every adoption: patch its class
+    step = optimizer.step
+
+    def step_after_pin(self: Any, batch: Any) -> Any:
+        if trainer.result.steps == 5:
+            assert pinned_now.wait(timeout=30)
+        return step(self, batch)
+
+    monkeypatch.setattr(optimizer, "step", step_after_pin)
     task = asyncio.create_task(trainer.run())
     await _eventually(lambda: trainer.result.steps >= 5)
     # An operator rolls back to the seeded initial LensNet (published under its own version).
     initial = await publish(redis_client, LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    pinned_now.set()
     await task
     assert pinned != initial
     # At its next gate it adopted the pinned weights (lineage restarts at their 0 steps) instead

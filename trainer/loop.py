@@ -313,6 +313,23 @@ class Trainer:
             self.result.steps_per_s,
         )
 
+    def _report(self, decision: GateDecision) -> None:
+        """One `report {json}` line per gate on the output, passed or not: the agreement curve."""
+        report = {
+            "steps": self.steps,
+            "run_steps": self.result.steps,
+            "records": len(self.buffer),
+            "held_out": len(self.buffer.held_out),
+            "steps_per_s": round(self.result.steps_per_s, 2),
+            "passed": decision.passed,
+            "reason": decision.reason,
+            "new": decision.new.as_dict(),
+            "current": decision.current.as_dict(),
+            "current_version": self.current_version,
+        }
+        self._out.write(f"report {json.dumps(_json_safe(report), sort_keys=True)}\n")
+        self._out.flush()
+
     async def _follow_external_pin(self) -> bool:
         """If someone pinned or rolled back `lens:current`, continue from that version."""
         assert self._redis is not None
@@ -330,6 +347,7 @@ class Trainer:
             return
         decision = await asyncio.to_thread(self._gate)
         self.result.last_decision = decision
+        self._report(decision)
         if not decision.passed:
             logger.info("gate refused at step %d: %s", self.steps, decision.reason)
             return
@@ -405,19 +423,7 @@ class Trainer:
             self.result.steps_per_s = self.result.steps / max(time.monotonic() - began, 1e-9)
             decision = await asyncio.to_thread(self._gate)
             self.result.last_decision = decision
-            report = {
-                "steps": self.result.steps,
-                "records": len(self.buffer),
-                "held_out": len(self.buffer.held_out),
-                "steps_per_s": round(self.result.steps_per_s, 2),
-                "passed": decision.passed,
-                "reason": decision.reason,
-                "new": decision.new.as_dict(),
-                "current": decision.current.as_dict(),
-                "current_version": self.current_version,
-            }
-            self._out.write(f"report {json.dumps(_json_safe(report), sort_keys=True)}\n")
-            self._out.flush()
+            self._report(decision)
             if decision.passed and self._redis is not None:
                 await self._publish(decision)
         return self.result
