@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -49,6 +48,7 @@ from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.preferences import PREFS_STREAM, PreferenceLog, decode_record
 from lens_serve.redis_embedded import EmbeddedRedis
+from trainer.data import dump
 
 NAMES = (
     "Mira", "Tobias", "Anouk", "Kenji", "Ilse", "Rafael", "Oona", "Bastian", "Ines", "Viktor",
@@ -144,8 +144,9 @@ class Traffic:
         while time.monotonic() < stop:
             needle = maker.make(maker.lifetime(*lifetimes))
             await self._one(needle.context + needle.answer, self.budget)
-            if self.requests % 4 == 0:  # pace traffic so that shadow jobs are not dropped
-                await self.stack.service.shadow.drain()
+            # Paced by the shadow worker: a needle whose job were dropped (queue full) would only
+            # take engine time from the records.
+            await self.stack.service.shadow.drain()
 
     async def probes_every(self, interval_s: float, stop: float) -> None:
         while time.monotonic() < stop:
@@ -171,10 +172,21 @@ class Traffic:
 
 async def publish_under_probes(
     traffic: Traffic, stack: Stack, args: argparse.Namespace
-) -> list[weights.PublishedWeights]:
-    """Publish `args.swaps` versions `args.swap_spacing` seconds apart while probes run."""
+) -> tuple[list[weights.PublishedWeights], list[Probe]]:
+    """Publish `args.swaps` versions `args.swap_spacing` seconds apart while probes run. Also
+    returns when the server itself switched (its loaded version, polled every 5 ms)."""
     stop = time.monotonic() + (args.swaps + 1) * args.swap_spacing
     probing = asyncio.create_task(traffic.probes_every(args.probe_interval, stop))
+    switches: list[Probe] = []
+
+    async def watch() -> None:
+        while time.monotonic() < stop:
+            version = stack.service.weights.version
+            if not switches or switches[-1].version != version:
+                switches.append(Probe(time.time(), version))
+            await asyncio.sleep(0.005)
+
+    watching = asyncio.create_task(watch())
     published = []
     for i in range(args.swaps):
         await asyncio.sleep(args.swap_spacing)
@@ -183,8 +195,8 @@ async def publish_under_probes(
             net.head.bias.fill_(1e-3 * (i + 1))  # a new content-addressed version
         version = await weights.publish(stack.redis, net)
         published.append(await weights.fetch(stack.redis, version))
-    await probing
-    return published
+    await asyncio.gather(probing, watching)
+    return published, switches
 
 
 def swap_latencies(
@@ -276,6 +288,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 trainer.send_signal(signal.SIGTERM)
                 trainer_out, _ = await asyncio.to_thread(trainer.communicate, timeout=60)
+                gates = [
+                    json.loads(line.removeprefix("report "))
+                    for line in trainer_out.splitlines()
+                    if line.startswith("report ")
+                ]
+                assert stack.service.shadow is not None
+                await stack.service.shadow.drain()  # swaps are timed on an otherwise idle engine
+                records = await dump(stack.redis, args.out.with_name("loop_records.bin"))
                 published = sorted(
                     await weights.list_versions(stack.redis), key=lambda v: v.created_at
                 )
@@ -288,8 +308,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 print("after:  " + ", ".join(f"{p} {v:.3f}" for p, v in after.items()))
                 # Swap latency does not depend on what was learned: also publish nudged copies
                 # of the initial LensNet while probes run, as a trainer would.
-                swapped = await publish_under_probes(traffic, stack, args)
-                records = int(await stack.redis.xlen(PREFS_STREAM))
+                swapped, switches = await publish_under_probes(traffic, stack, args)
                 redis_rate = await records_per_second(stack.redis, args.redis_records)
                 dropped = sum(
                     sample.value
@@ -300,16 +319,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.shutdown()
     latencies = swap_latencies([*published, *swapped], traffic.probes)
+    server_swaps = swap_latencies(swapped, switches)
     curve = [
-        {"steps": v.metrics.get("steps"), "agreement": v.metrics.get("agreement"),
-         "current_agreement": v.metrics.get("current_agreement"), "version": v.version}
-        for v in published
+        {"steps": g["steps"], "records": g["records"], "held_out": g["held_out"],
+         "agreement": g["new"]["agreement"], "current_agreement": g["current"]["agreement"],
+         "correlation": g["new"]["correlation"], "passed": g["passed"]}
+        for g in gates
     ]  # fmt: skip
-    steps_per_s = [
-        (b.metrics["steps"] - a.metrics["steps"]) / (b.created_at - a.created_at)
-        for a, b in itertools.pairwise(published)
-        if b.created_at > a.created_at
-    ]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {
         "config": config,
@@ -318,10 +334,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "answer_nll_after": after,
         "final_version": final,
         "agreement_curve": curve,
+        "published_versions": [v.version for v in published],
         "swap_latency_s": {
             "p50": median(latencies),
             "max": max(latencies, default=float("nan")),
             "n": len(latencies),
+        },
+        "server_swap_s": {
+            "p50": median(server_swaps),
+            "max": max(server_swaps, default=float("nan")),
+            "n": len(server_swaps),
         },
         "requests": traffic.requests,
         "failed_requests": traffic.failed,
@@ -329,8 +351,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "records_per_traffic_s": records / args.traffic_seconds,
         "shadow_jobs_dropped": dropped,
         "redis_append": redis_rate,
-        "trainer_steps_per_s_between_publishes_median": median(steps_per_s),
-        "trainer_output_tail": trainer_out.splitlines()[-5:],
+        "trainer_steps_per_s_median": median([g["steps_per_s"] for g in gates]),
+        "trainer_output_tail": [
+            line for line in trainer_out.splitlines() if not line.startswith("report ")
+        ][-5:],
     }
 
 
@@ -342,10 +366,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, (curve, bars) = plt.subplots(1, 2, figsize=(11, 4))
     points = [p for p in result["agreement_curve"] if p["agreement"] is not None]
-    curve.plot([p["steps"] for p in points], [p["agreement"] for p in points], "o-")
+    curve.plot(
+        [p["steps"] for p in points], [p["agreement"] for p in points], "o-", label="trained"
+    )
+    current = [p for p in points if p["current_agreement"] is not None]
+    curve.plot(
+        [p["steps"] for p in current], [p["current_agreement"] for p in current], "x--",
+        label="serving version",
+    )  # fmt: skip
     curve.axhline(0.7, color="red", ls=":", label="target 0.7")
     curve.set(xlabel="trainer steps", ylabel="held-out agreement", ylim=(0, 1))
-    curve.set_title("published versions")
+    curve.set_title("held-out agreement at each gate")
     curve.legend()
     x = np.arange(len(POLICIES))
     before = [result["answer_nll_before"][p] for p in POLICIES]
@@ -353,7 +384,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     bars.bar(x - 0.2, before, 0.4, label="before training")
     bars.bar(x + 0.2, after, 0.4, label="after training")
     bars.set_xticks(x, POLICIES)
-    bars.set(ylabel="answer NLL (nats/token)", title="held-out needles, W=1024")
+    bars.set(
+        ylabel="answer NLL (nats/token)", title=f"held-out needles, W={result['config']['budget']}"
+    )
     bars.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -381,13 +414,14 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     before, after = result["answer_nll_before"], result["answer_nll_after"]
-    agreements = [p["agreement"] for p in result["agreement_curve"] if p["agreement"] is not None]
-    print(f"agreement at published versions: {[round(a, 3) for a in agreements]} (target >= 0.7)")
+    curve = [(p["steps"], round(p["agreement"], 3)) for p in result["agreement_curve"]]
+    print(f"held-out agreement at each gate (steps, agreement): {curve} (target >= 0.7)")
     print("answer NLL before: " + ", ".join(f"{p} {before[p]:.3f}" for p in POLICIES))
     print("answer NLL after:  " + ", ".join(f"{p} {after[p]:.3f}" for p in POLICIES))
-    swap = result["swap_latency_s"]
+    swap, server = result["swap_latency_s"], result["server_swap_s"]
     print(
-        f"swap latency p50 {swap['p50']:.3f} s over {swap['n']} versions (target <= 1 s); "
+        f"publish -> first response on it: p50 {swap['p50']:.3f} s over {swap['n']} versions "
+        f"(target <= 1 s); publish -> server swapped: p50 {server['p50']:.3f} s; "
         f"failed requests {result['failed_requests']} of {result['requests']}"
     )
     print(
@@ -395,7 +429,7 @@ def main() -> None:
         f"{result['redis_append'].get('sequential_per_s', 0):.0f}/s sequential, "
         f"{result['redis_append'].get('concurrent_32_per_s', 0):.0f}/s 32 in flight "
         f"(target >= 1000/s); trainer "
-        f"{result['trainer_steps_per_s_between_publishes_median']:.2f} steps/s"
+        f"{result['trainer_steps_per_s_median']:.2f} steps/s"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

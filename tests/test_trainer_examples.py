@@ -58,14 +58,17 @@ def test_expanding_a_gist_that_lowers_nll_gives_a_positive_target_on_that_gist()
     expanded = _expand(served, 1)  # (2,1) -> (1,4..7)
     record = _record((served, "served", 2.0), (expanded, "random", 1.6))
     ex = example_from_record(record, "1-0", random_table(), TargetConfig())
-    assert len(ex.pairs) == 1
-    pair = ex.pairs[0]
-    assert (pair.better, pair.worse) == (1, 0)
+    pair, mirror = ex.pairs
+    assert (pair.better, pair.worse, pair.scored) == (1, 0, 0)
     assert pair.gap == pytest.approx(0.4)
     # One target per unit of the worse (served) variant plus its loose tokens, which get none.
     assert len(pair.targets) == len(served.units) + 1
     assert pair.targets[1] > 0
     assert np.count_nonzero(pair.targets) == 1
+    # The mirror, on the better variant: its four children (1,4..7) must not collapse back.
+    assert (mirror.better, mirror.worse, mirror.scored) == (1, 0, 1)
+    assert np.all(mirror.targets[1:5] > 0) and np.count_nonzero(mirror.targets) == 4
+    assert mirror.targets[1:5].sum() == pytest.approx(pair.targets[1])  # a side weighs s in all
 
 
 def test_expanding_a_gist_that_raises_nll_gives_collapse_targets_on_its_children() -> None:
@@ -73,10 +76,27 @@ def test_expanding_a_gist_that_raises_nll_gives_collapse_targets_on_its_children
     expanded = _expand(served, 1)
     record = _record((served, "served", 2.0), (expanded, "random", 2.4))
     ex = example_from_record(record, "1-0", random_table(), TargetConfig())
-    (pair,) = ex.pairs
-    assert (pair.better, pair.worse) == (0, 1)
+    pair, mirror = ex.pairs
+    assert (pair.better, pair.worse, pair.scored) == (0, 1, 1)
     assert np.all(pair.targets[1:5] < 0)  # the four children (1,4..7) should collapse back
     assert np.count_nonzero(pair.targets) == 4
+    assert mirror.scored == 0 and mirror.targets[1] < 0  # and the served gist stays a gist
+    assert np.count_nonzero(mirror.targets) == 1
+
+
+def test_a_prior_for_gists_over_finer_units_agrees_with_only_half_the_pairs() -> None:
+    served = _served()
+    tilings = [served, _expand(served, 0), _expand(served, 1), _expand(served, 2)]
+    for nlls in ([2.0, 1.0, 1.5, 3.0], [1.0, 2.0, 1.5, 3.0]):
+        pairs = build_pairs(tilings, nlls, TargetConfig())
+        # Two variants that each expanded another gist: a swap, two-sided in both halves.
+        swaps = [p for p in pairs if p.worse != 0 and p.better != 0]
+        assert len(swaps) >= 2
+        margins = []
+        for p in swaps:  # LOD prior: score = the unit's level, whatever its content
+            lods = np.array([lod for lod, _ in tilings[p.scored].units], dtype=np.float32)
+            margins.append(float(lods @ p.targets[: len(lods)]))
+        assert [m > 1e-6 for m in margins] == [True, False] * (len(swaps) // 2)
 
 
 def test_training_on_an_expansion_that_helped_scores_that_gist_positive() -> None:
@@ -125,7 +145,7 @@ def test_pair_strength_grows_with_the_gap_and_is_normalised_per_record() -> None
     served = _served()
     tilings = [served, _expand(served, 0), _expand(served, 1)]
     pairs = build_pairs(tilings, [1.0, 1.1, 2.0], TargetConfig())
-    strength = {(p.better, p.worse): float(np.abs(p.targets).max()) for p in pairs}
+    strength = {(p.better, p.worse): float(np.abs(p.targets).max()) for p in pairs[::2]}
     assert set(strength) == {(0, 1), (0, 2), (1, 2)}
     assert strength[(0, 2)] > strength[(0, 1)]
     assert all(0 < s < 1 for s in strength.values())
@@ -140,9 +160,10 @@ def test_pairs_put_the_best_variant_first_and_respect_max_pairs() -> None:
     served = _served()
     tilings = [served, _expand(served, 0), _expand(served, 1), _expand(served, 2)]
     pairs = build_pairs(tilings, [2.0, 1.0, 1.5, 3.0], TargetConfig(max_pairs=3))
-    assert len(pairs) == 3
+    assert len(pairs) == 6  # each with its mirror
     assert all(p.better == 1 for p in pairs)  # best-vs-rest come first
-    assert [p.worse for p in pairs] == [3, 0, 2]  # largest gap first
+    assert [p.worse for p in pairs[::2]] == [3, 0, 2]  # largest gap first
+    assert [p.scored for p in pairs] == [3, 1, 0, 1, 2, 1]
 
 
 def test_baseline_that_drops_old_text_is_kept_for_evaluation_only() -> None:

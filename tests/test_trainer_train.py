@@ -30,10 +30,21 @@ def _net(seed: int = 0) -> LensNet:
 def test_loss_is_log2_times_mean_strength_when_scores_are_zero() -> None:
     batch = collate(_examples(3))
     loss, agreement = preference_loss(torch.zeros(batch.valid.shape), batch, 1.0)
-    weight = batch.targets.abs()
-    per_pair = weight.sum(1) / (weight > 0).sum(1)
+    per_pair = batch.targets.abs().sum(1)  # strength per side of the pair
     assert float(loss) == pytest.approx(math.log(2) * float(per_pair.mean()), rel=1e-5)
     assert float(agreement) == 0.0  # ties never agree
+
+
+def test_a_constant_score_agrees_with_no_two_sided_pair() -> None:
+    batch = collate(_examples(3))
+    two_sided = ((batch.targets > 0).any(1) & (batch.targets < 0).any(1)).float()
+    assert two_sided.sum() > 0
+    for constant in (-2.0, 2.0):  # "collapse everything" / "expand everything"
+        s = torch.full(batch.valid.shape, constant)
+        margin = (s[batch.pair_variant] * batch.targets).sum(1)
+        assert float((margin[two_sided > 0]).abs().max()) < 1e-5
+        _, agreement = preference_loss(s, batch, 1.0)
+        assert float(agreement) <= 1 - float(two_sided.mean()) + 1e-6
 
 
 def test_loss_falls_and_agreement_is_one_when_scores_follow_the_targets() -> None:

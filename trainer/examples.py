@@ -13,7 +13,20 @@ V) of variants with NLL gap Δ = nll(V) - nll(B) > 0, every unit u of V gets
    0  if B has the same unit,
 where s = tanh(Δ / sd / scale) and sd is the std of the record's variant NLLs (floored): advantage
 normalisation per record, so every record teaches on the same scale while its larger gaps still
-weigh more. The trailing partial block is context only and never gets a target."""
+weigh more. The trailing partial block is context only and never gets a target.
+
+Every pair also teaches its mirror on B's units: -1 where V shows B's unit finer (do not expand
+it), +1 inside a coarser unit of V (do not collapse it). Without the mirror, a swap of two
+same-level gists puts the expand target on a coarser unit than the collapse targets whichever
+variant is better, so "score coarse units high, fine ones low" agreed with such pairs while knowing
+nothing of their content; with it, that prior wins one half and loses the other.
+
+Each side of a target vector (the units to expand, the units to collapse) shares s equally: a
+unit's target is ±s / (units on its side). A collapse marks a whole sibling group, so unit by unit
+the collapse side outnumbers the expand side (4.3 to 1 in bench/loop.py's needle records), and with
+one vote per unit a constant negative score agreed with every held-out pair while ordering nothing
+(score/NLL-gain correlation -0.05). Balanced, a constant score ties on every two-sided pair: only
+ranking the expand side above the collapse side counts, which is what the allocator acts on."""
 
 from __future__ import annotations
 
@@ -53,7 +66,8 @@ class TargetConfig:
     min_gap: float = 1e-4
     """Pairs whose NLLs differ by less (nats) carry no preference."""
     max_pairs: int = 16
-    """Pairs kept per record: the best variant against each other first, then the largest gaps."""
+    """Preferences kept per record (each gives a pair and its mirror): the best variant against
+    each other first, then the largest gaps."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,8 @@ class Pair:
     better: int  # index into Example.variants
     worse: int
     gap: float  # nll(worse) - nll(better), nats, > 0
-    targets: np.ndarray  # (U'_worse,) float32: sign * strength per unit of `worse`, 0 = none
+    scored: int  # the variant whose units carry the targets: `worse`, or `better` (the mirror)
+    targets: np.ndarray  # (U'_scored,) float32: sign * strength per unit of `scored`, 0 = none
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,7 @@ class Edit:
 
     variant: int
     gain: float  # nll(reference) - nll(variant): > 0 when the edits helped
-    signs: np.ndarray  # (U'_reference,) int8: +1 where the variant is finer, -1 coarser
+    weights: np.ndarray  # (U'_reference,) float32: balanced_signs of the variant vs the reference
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,16 @@ def unit_targets(worse: Tiling, better: Tiling) -> np.ndarray:
             out[k] = -1  # inside a coarser unit of `better`: collapse (the group is inside too)
         elif lod < unit[0]:
             out[k] = 1  # `better` shows this span finer: expand
+    return out
+
+
+def balanced_signs(signs: np.ndarray) -> np.ndarray:
+    """(U,) float32: +1/n+ on the n+ positive units, -1/n- on the n- negative ones, 0 elsewhere."""
+    out = np.zeros(len(signs), dtype=np.float32)
+    for side in (1, -1):
+        chosen = signs == side
+        if chosen.any():
+            out[chosen] = side / chosen.sum()
     return out
 
 
@@ -228,15 +253,20 @@ def build_pairs(tilings: list[Tiling], nlls: list[float], config: TargetConfig) 
     candidates.sort()
     pairs: list[Pair] = []
     for _, neg_gap, b, w in candidates:
-        if len(pairs) >= config.max_pairs:
+        if len(pairs) >= 2 * config.max_pairs:
             break
         signs = unit_targets(tilings[w], tilings[b])
         if not signs.any():
             continue  # same tiling measured twice: nothing to prefer
         strength = math.tanh(-neg_gap / sigma / config.scale)
-        targets = np.zeros(_width(tilings[w]), dtype=np.float32)  # (U',): partial block stays 0
-        targets[: len(signs)] = signs * strength
-        pairs.append(Pair(b, w, float(-neg_gap), targets))
+        # Toward `better` on the worse variant's units, and its mirror: away from `worse` on the
+        # better variant's units (what the worse one shows finer must not be expanded, what it
+        # shows coarser must not be collapsed).
+        mirror = -unit_targets(tilings[b], tilings[w])
+        for scored, unit_signs in ((w, signs), (b, mirror)):
+            targets = np.zeros(_width(tilings[scored]), dtype=np.float32)  # partial block: 0
+            targets[: len(unit_signs)] = balanced_signs(unit_signs) * strength
+            pairs.append(Pair(b, w, float(-neg_gap), scored, targets))
     return pairs
 
 
@@ -248,8 +278,8 @@ def _edits(tilings: list[Tiling], variants: list[VariantExample], reference: int
             continue
         signs = unit_targets(ref, tiling)
         if signs.any():
-            padded = np.zeros(_width(ref), dtype=np.int8)  # (U'_ref,)
-            padded[: len(signs)] = signs
+            padded = np.zeros(_width(ref), dtype=np.float32)  # (U'_ref,)
+            padded[: len(signs)] = balanced_signs(signs)
             out.append(Edit(k, variants[reference].nll - variants[k].nll, padded))
     return out
 

@@ -4,8 +4,8 @@ Two measurements on the held-out slice (every k-th record by a hash of its strea
 is the same on every trainer and every restart):
 - agreement: the fraction of preference pairs whose targeted units LensNet scores the right way;
 - correlation: across variants, Pearson correlation between LensNet's verdict on the variant's
-  edits of the served WC (sum of score * direction over the served variant's units, direction +1
-  where the variant is finer, -1 where coarser, 0 elsewhere) and the NLL the edits gained, both
+  edits of the served WC (mean score of the served units the variant shows finer minus mean score
+  of those it shows coarser) and the NLL the edits gained, both
   centred per record (the within-record correlation). It must be positive: higher scores where
   expanding helped. MegaContext's scores ended up anti-correlated with the loss gap; this is the
   check that would have caught it. It is a polarity check, not a quality measure (that is
@@ -81,8 +81,9 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
             if len(ex.edits) < 2:
                 continue  # nothing to compare within this record
             ref = s[row[(e, ex.reference)]].numpy()  # (U,) padded
-            # LensNet's net vote for the variant's edits, as the allocator would total them.
-            verdict = np.array([ref[: len(edit.signs)] @ edit.signs for edit in ex.edits])  # (E,)
+            # LensNet's net vote for the variant's edits: mean score of what it expands minus
+            # mean score of what it collapses, as the allocator weighs an expand against a collapse.
+            verdict = np.array([ref[: len(edit.weights)] @ edit.weights for edit in ex.edits])
             gain = np.array([edit.gain for edit in ex.edits])  # (E,)
             # Centred per record: records differ in length, content and NLL level, and only the
             # ranking of one record's variants says whether LensNet orders edits by their gain.

@@ -27,7 +27,7 @@ class Batch:
     lods: torch.Tensor  # (V, U) int64
     features: torch.Tensor  # (V, U, F) float32
     valid: torch.Tensor  # (V, U) bool: real units
-    pair_variant: torch.Tensor  # (P,) int64: row in V of each pair's worse variant
+    pair_variant: torch.Tensor  # (P,) int64: row in V of each pair's scored variant
     targets: torch.Tensor  # (P, U) float32: signed targets, 0 = no target / padding
     variant_index: list[tuple[int, int]]  # (example, variant) of each row in V
 
@@ -41,7 +41,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
     index: list[tuple[int, int]] = []
     row_of: dict[tuple[int, int], int] = {}
     for e, ex in enumerate(examples):
-        wanted = range(len(ex.variants)) if all_variants else sorted({p.worse for p in ex.pairs})
+        wanted = range(len(ex.variants)) if all_variants else sorted({p.scored for p in ex.pairs})
         for v in wanted:
             row_of[(e, v)] = len(index)
             index.append((e, v))
@@ -67,7 +67,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
             padded = np.zeros(width, dtype=np.float32)  # (U,)
             padded[: len(pair.targets)] = pair.targets
             targets.append(padded)
-            pair_rows.append(row_of[(e, pair.worse)])
+            pair_rows.append(row_of[(e, pair.scored)])
     return Batch(
         content=content,
         lods=lods,
@@ -85,18 +85,20 @@ def scores(net: LensNet, batch: Batch) -> torch.Tensor:
     return out
 
 
+_TIE = 1e-6  # margins this small are float noise of equal sides, not a preference
+
+
 def preference_loss(
     unit_scores: torch.Tensor, batch: Batch, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, agreement) over the batch's pairs; both scalars. unit_scores is (V, U)."""
-    s = unit_scores[batch.pair_variant]  # (P, U): each pair's worse-variant scores
+    s = unit_scores[batch.pair_variant]  # (P, U): each pair's scored-variant scores
     sign, weight = batch.targets.sign(), batch.targets.abs()  # (P, U) each
-    targeted = (weight > 0).float()  # (P, U)
-    count = targeted.sum(dim=1).clamp_min(1.0)  # (P,)
     per_unit = F.softplus(-sign * s / temperature) * weight  # (P, U), 0 where untargeted
-    loss = (per_unit.sum(dim=1) / count).mean()
-    margin = (s * sign).sum(dim=1) / count  # (P,): mean of s * sign(t) over targeted units
-    agreement = (margin > 0).float().mean()
+    loss = per_unit.sum(dim=1).mean()  # each side of a pair carries its strength once
+    # (P,): mean score of the units to expand minus that of the units to collapse, times strength
+    margin = (s * batch.targets).sum(dim=1)
+    agreement = (margin > _TIE).float().mean()  # a tie (a constant score's 0) never agrees
     return loss, agreement
 
 
