@@ -129,16 +129,12 @@ class Settings(BaseSettings):
     def engine_dtype(self) -> Literal["bfloat16", "float16", "float32"]:
         if self.dtype != "auto":
             return self.dtype
-        import torch  # deferred: only the server needs it
-
-        return "bfloat16" if torch.cuda.is_available() else "float32"
+        return "bfloat16" if _on_gpu() else "float32"
 
     def engine_kv_block_size(self) -> int | None:
         if self.kv_block_size:
             return self.kv_block_size
-        import torch  # deferred: only the server needs it
-
-        return None if torch.cuda.is_available() else 32
+        return None if _on_gpu() else 32
 
     def engine_config(self, model_dir: Path) -> EngineConfig:
         """How to start vLLM on the prepared model in `model_dir` with these settings."""
@@ -166,3 +162,10 @@ class Settings(BaseSettings):
             if value != info.default:
                 out[name] = "***" if name in ("api_tokens", "admin_token") else value
         return out
+
+
+def _on_gpu() -> bool:
+    """What the `auto` settings depend on."""
+    import torch  # deferred: only the server needs it
+
+    return bool(torch.cuda.is_available())
