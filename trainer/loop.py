@@ -313,8 +313,11 @@ class Trainer:
             self.result.steps_per_s,
         )
 
-    def _report(self, decision: GateDecision) -> None:
-        """One `report {json}` line per gate on the output, passed or not: the agreement curve."""
+    async def _gate_reported(self) -> GateDecision:
+        """Run the gate, keep its decision, and write one `report {json}` line on the output for
+        it, passed or not (the agreement curve)."""
+        decision = await asyncio.to_thread(self._gate)
+        self.result.last_decision = decision
         report = {
             "steps": self.steps,
             "run_steps": self.result.steps,
@@ -329,6 +332,7 @@ class Trainer:
         }
         self._out.write(f"report {json.dumps(_json_safe(report), sort_keys=True)}\n")
         self._out.flush()
+        return decision
 
     async def _follow_external_pin(self) -> bool:
         """If someone pinned or rolled back `lens:current`, continue from that version."""
@@ -345,9 +349,7 @@ class Trainer:
     async def _gate_and_publish(self) -> None:
         if self._redis is not None and await self._follow_external_pin():
             return
-        decision = await asyncio.to_thread(self._gate)
-        self.result.last_decision = decision
-        self._report(decision)
+        decision = await self._gate_reported()
         if not decision.passed:
             logger.info("gate refused at step %d: %s", self.steps, decision.reason)
             return
@@ -421,9 +423,7 @@ class Trainer:
             while self.result.steps < total and not stop.is_set():
                 await self._step()
             self.result.steps_per_s = self.result.steps / max(time.monotonic() - began, 1e-9)
-            decision = await asyncio.to_thread(self._gate)
-            self.result.last_decision = decision
-            self._report(decision)
+            decision = await self._gate_reported()
             if decision.passed and self._redis is not None:
                 await self._publish(decision)
         return self.result
