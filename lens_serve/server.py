@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from lens_serve.aio import cancel_and_wait
 from lens_serve.config import Settings
 from lens_serve.errors import NotReady
 from lens_serve.interceptors import LensInterceptor, relay
@@ -260,9 +261,7 @@ async def _run(
             try:
                 await stop.wait()
             finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+                await cancel_and_wait([watcher])
         finally:
             await health_servicer.enter_graceful_shutdown()
             logger.info("health set to NOT_SERVING")

@@ -21,6 +21,7 @@ import torch
 from redis.asyncio import Redis
 
 from lens_serve import metrics
+from lens_serve.aio import cancel_and_wait
 from lens_serve.allocator import FocusConfig, FocusState
 from lens_serve.assembly import assemble
 from lens_serve.config import Settings
@@ -179,9 +180,7 @@ class LensService:
             task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
 
     @classmethod
     async def create(cls, settings: Settings, engine: Engine, redis: Redis) -> LensService:

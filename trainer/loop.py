@@ -34,6 +34,7 @@ from typing import Any, TextIO
 import numpy as np
 from redis.asyncio import Redis
 
+from lens_serve.aio import cancel_and_wait
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.preferences import parse_record
@@ -188,9 +189,7 @@ class Trainer:
         try:
             yield True
         finally:
-            renewal.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewal
+            await cancel_and_wait([renewal])
             await self.lock.release()
             if self.consumer is not None:
                 with contextlib.suppress(Exception):  # best effort: a clean group listing
