@@ -6,7 +6,10 @@ engine, against bare vLLM on the same engine.
   Target: from turn 2 on, TTFT within 1.5x of a prompt made only of the new turn's tokens: the
   tokens the turn adds to the session, i.e. the previous answer and the new question (the answer's
   KV cannot come from vLLM's cache: decoded tokens are keyed by id, prompt rows by embedding).
-  The question alone is reported too.
+  The question alone is reported too. While the user reads an answer, the server prefills the
+  next turn's prefix (this WC + the answer, `Settings.prewarm_next_turn`; `--no-prewarm` turns it
+  off): the next turn and the baselines are sent once that prefill is done, and its time after
+  the answer is reported (a reader takes longer than that).
 - TTFT with and without a session: the session turns above, those new tokens alone, the question
   alone, and a stateless client resending document + question every time.
 - overhead: 16 concurrent streams, lens-serve `Generate` (no session; a 4k-token prompt, W = 1024)
@@ -46,6 +49,7 @@ from lens_serve.gistnet import GistNetConfig, build_gistnet
 from lens_serve.inprocess import Stack, serving_stack
 from lens_serve.models import resolve_model
 from lens_serve.redis_embedded import EmbeddedRedis
+from lens_serve.service import LensService
 from lens_serve.tree import LifetimeTree
 from lens_serve.v1 import lens_serve_pb2 as pb
 
@@ -136,12 +140,17 @@ def text_tokens(engine: VllmEngine, n_tokens: int) -> list[int]:
 
 
 async def multi_turn(
-    client: LensClient, engine: VllmEngine, tokens: list[int], args: argparse.Namespace
+    client: LensClient,
+    service: LensService,
+    engine: VllmEngine,
+    tokens: list[int],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     turns: list[list[Timed]] = [[] for _ in range(args.turns)]
     new_tokens: list[Timed] = []
     question: list[Timed] = []
     stateless: list[Timed] = []
+    prewarm_s: list[float] = []
     for s in range(args.sessions):
         document = tokens[s * args.document : (s + 1) * args.document]
         session = await client.create_session()
@@ -153,6 +162,9 @@ async def multi_turn(
                 client, turn, args.budget, args.max_tokens, session.session_id
             )
             turns[t].append(timed)
+            began = time.perf_counter()
+            await service.settle_prewarms()  # the user is still reading the answer
+            prewarm_s.append(time.perf_counter() - began)
             if t > 0:
                 # What this turn adds to the session: the previous answer and the new question.
                 # The answer's KV is recomputed in the session too: vLLM keys decoded tokens by id
@@ -185,6 +197,7 @@ async def multi_turn(
             for t, rs in enumerate(turns)
         ],
         "ttft_s_median": ttft,
+        "prewarm_s_after_answer_median": median(prewarm_s),
         "new_tokens_rows_median": median([r.prompt_rows for r in new_tokens]),
         "question_rows_median": median([r.prompt_rows for r in question]),
         "cached_share_turn_2_on_median": median([r.cached_rows / r.prompt_rows for r in later]),
@@ -357,7 +370,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         model=str(model_dir), port=0, wc_budget=args.budget, max_wc_budget=args.budget,
         max_model_len=args.max_model_len, max_session_tokens=max(args.lifetimes) + 100_000,
         max_concurrency=64, shadow_rate=0.0, kv_cache_gib=args.kv_cache_gib,
-        kv_block_size=args.kv_block_size,
+        kv_block_size=args.kv_block_size, prewarm_next_turn=args.prewarm,
     )  # fmt: skip
     # The engine starts before Redis does, so it is configured from settings without a URL yet.
     engine_config = Settings(**settings_kw, redis_url="redis://unused").engine_config(model_dir)
@@ -378,7 +391,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ):
                 result: dict[str, Any] = {}
                 if "multi_turn" in args.parts:
-                    result["multi_turn"] = await multi_turn(client, engine, tokens, args)
+                    result["multi_turn"] = await multi_turn(
+                        client, stack.service, engine, tokens, args
+                    )
                 if "overhead" in args.parts:
                     result["overhead"] = await overhead(
                         stack, client, engine, settings, tokens, args
@@ -407,6 +422,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--kv-block-size", type=int, default=0, help="0: auto (32 on CPU)")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="do not prefill the next turn's prefix between turns")  # fmt: skip
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     parser.add_argument("--out", type=Path, default=Path("bench/out/serving.json"))
     args = parser.parse_args()
@@ -419,7 +436,8 @@ def main() -> None:
             f"target <= 1.5); question alone {ttft['question_alone']:.3f} s (ratio "
             f"{mt['ratio_turn_2_on_vs_question']:.2f}); cached share "
             f"{mt['cached_share_turn_2_on_median']:.2f}; stateless resend "
-            f"{ttft['stateless_resend']:.3f} s"
+            f"{ttft['stateless_resend']:.3f} s; prewarm done "
+            f"{mt['prewarm_s_after_answer_median']:.3f} s after the answer"
         )
     if ov := result.get("overhead"):
         print(

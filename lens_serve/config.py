@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     admin_token: str = ""
     """Bearer token for LensAdmin; empty disables the admin service."""
 
+    prewarm_next_turn: bool = True
+    """After a session turn, prefill this WC + the answer at low priority while the user reads,
+    so the next turn (which usually extends exactly that prefix) finds it in the prefix cache."""
+
     shadow_rate: float = Field(0.0, ge=0, le=1)
     """Fraction of requests that get shadow variants scored and logged."""
     shadow_target: Literal["completion", "prompt"] = "completion"

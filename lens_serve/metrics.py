@@ -42,6 +42,10 @@ WC_COMPRESSION_RATIO = Histogram(
 WC_CACHED_ROWS_TOTAL = Counter(
     "lens_wc_cached_rows_total", "Working-context rows the engine served from its prefix cache"
 )
+PREWARMED_ROWS_TOTAL = Counter(
+    "lens_prewarmed_rows_total",
+    "Rows prefilled in the background for a session's next turn (this WC + the answer)",
+)
 WC_PROMPT_ROWS_TOTAL = Counter(
     "lens_wc_prompt_rows_total", "Working-context rows sent to the engine"
 )

@@ -42,6 +42,9 @@ from lens_serve.weights import WeightStore
 
 logger = logging.getLogger(__name__)
 
+PREWARM_PRIORITY = 5
+"""vLLM priority of next-turn prefills: after user requests (0), before shadow scoring (10)."""
+
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 MAX_TEMPERATURE = 10.0
 
@@ -167,7 +170,8 @@ class LensService:
                 model=settings.model,
                 make_tree=self._tree,
             )
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the watcher and the shadow worker
+        self._prewarms: set[asyncio.Task[None]] = set()
 
     def start_background(self) -> None:
         """Start the LensNet watcher (hot swap) and the shadow worker; `aclose` stops them."""
@@ -180,7 +184,11 @@ class LensService:
             task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait(self._tasks | self._prewarms)
+
+    async def settle_prewarms(self) -> None:
+        """Wait for the next-turn prefills started so far (tests and benchmarks)."""
+        await asyncio.gather(*self._prewarms)
 
     @classmethod
     async def create(cls, settings: Settings, engine: Engine, redis: Redis) -> LensService:
@@ -293,6 +301,8 @@ class LensService:
                 if sid and completion:
                     async with self._lock(sid):
                         await self.sessions.append(sid, owner, completion)
+                    if self.settings.prewarm_next_turn:
+                        self._prewarm(prepared.embeds, completion)
                 self._maybe_shadow(request_id, sid, policy, prepared, prompt, completion, chooser)
                 metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
                 wc = prepared.view.working_context
@@ -339,6 +349,29 @@ class LensService:
             if prepared.choice.focus is not None:
                 entry.focus = prepared.choice.focus  # the session's next turn continues from here
             return prepared
+
+    def _prewarm(self, wc_rows: torch.Tensor, answer: list[int]) -> None:
+        """Prefill `wc_rows` + the answer's rows in the background, at the lowest priority.
+
+        vLLM never reuses the KV of decoded tokens for a later prompt of embeddings (it hashes
+        decoded tokens by id and prompt rows by their bytes), so without this every turn
+        recomputes the previous answer before its first token. The next turn's WC starts with
+        exactly these rows whenever the allocator only appends (it keeps headroom for that)."""
+        rows = torch.cat([wc_rows, self._table(torch.tensor(answer))])  # (WC + answer, D)
+        if rows.shape[0] >= self.engine.max_model_len:
+            return
+        task = asyncio.create_task(self._prefill(rows, f"prewarm-{uuid.uuid4().hex}"))
+        self._prewarms.add(task)
+        task.add_done_callback(self._prewarms.discard)
+
+    async def _prefill(self, rows: torch.Tensor, request_id: str) -> None:
+        try:
+            params = GenerationParams(max_tokens=1, temperature=0.0)
+            async for _ in self.engine.generate(rows, params, request_id, PREWARM_PRIORITY):
+                pass
+            metrics.PREWARMED_ROWS_TOTAL.inc(rows.shape[0])
+        except Exception as e:  # an optimisation only: the next turn just computes more
+            logger.warning("prewarm %s failed: %r", request_id, e)
 
     def _maybe_shadow(
         self,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import torch
 from redis.asyncio import Redis
 
 from lens_serve.allocator import FocusConfig
@@ -69,6 +70,34 @@ async def test_generate_with_session_appends_prompt_and_completion(service: Lens
     assert info.lifetime_tokens == 240 + 2 + 4
     tokens = await service.sessions.tokens(session.session_id, OWNER)
     assert tokens[-6:].tolist() == [3 + ord("h"), 3 + ord("i"), 7, 7, 7, 7]
+
+
+async def test_a_session_turn_prewarms_the_next_turns_prefix(redis_client: Redis) -> None:
+    service = make_service(redis_client, wc_budget=128)
+    engine = service.engine
+    assert isinstance(engine, FakeEngine)
+    session = await service.create_session(OWNER)
+    await service.append(OWNER, session.session_id, ["hello world " * 20])
+    turns, prewarms = [], []
+    for prompt in ("first", "second", "third"):
+        await collect(service.generate(OWNER, GenerateInput(session.session_id, prompt=prompt)))
+        await service.settle_prewarms()  # the prewarm runs in the background
+        turns.append(engine.prompts[-2])
+        prewarms.append(engine.prompts[-1])
+    answer_rows = service._table(torch.tensor([7] * 4))  # the fake answers 4 x token 7
+    for turn, prewarm in zip(turns, prewarms, strict=True):
+        assert torch.equal(prewarm, torch.cat([turn, answer_rows]))
+    # The first turn may fill the budget (then the second refits); later turns only append.
+    third = turns[2]
+    assert torch.equal(third[: prewarms[1].shape[0]], prewarms[1])
+
+
+async def test_prewarm_can_be_switched_off(redis_client: Redis) -> None:
+    service = make_service(redis_client, prewarm_next_turn=False)
+    session = await service.create_session(OWNER)
+    await collect(service.generate(OWNER, GenerateInput(session.session_id, prompt="hi")))
+    await service.settle_prewarms()
+    assert len(service.engine.prompts) == 1  # type: ignore[attr-defined]
 
 
 BAD_INPUTS = [

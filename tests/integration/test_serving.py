@@ -104,6 +104,28 @@ async def test_session_appends_prompt_and_completion(stack: Stack) -> None:
     assert await _lifetime(stack, session_id) == before + 3 + chunks[-1].usage.completion_tokens
 
 
+async def test_the_next_turn_finds_the_previous_answer_in_the_prefix_cache(
+    stack: Stack, vllm_engine: VllmEngine
+) -> None:
+    """vLLM cannot reuse the KV of decoded tokens for a prompt of embeddings; the server prefills
+    WC + answer after each turn, so the next turn recomputes only its own new rows."""
+    session_id = await _session_with_document(stack, chars=6_000)
+    block = vllm_engine.block_size
+    usages = []
+    for prompt in ("\n# first:", "\n# second:", "\n# third:"):
+        request = pb.GenerateRequest(
+            session_id=session_id,
+            prompt=prompt,
+            sampling=pb.SamplingParams(max_tokens=40, temperature=0),
+        )
+        usages.append((await _generate(stack, request))[-1].usage)  # fmt: skip
+        await stack.service.settle_prewarms()
+    second, third = usages[1], usages[2]
+    assert second.completion_tokens == 40 and third.wc_rows > second.wc_rows + 40
+    # The answer's 40 rows are cached: more than the previous prompt's whole blocks alone.
+    assert third.cached_rows == (second.wc_rows + 40) // block * block > second.wc_rows
+
+
 async def test_score_gives_per_token_nll_and_policies_differ(stack: Stack) -> None:
     session_id = await _session_with_document(stack, chars=8_000)
     results = {}
