@@ -158,6 +158,9 @@ class TransformerGistNet(GistNet):
             self.out = nn.Linear(w, config.hidden_size)
             nn.init.zeros_(self.out.weight)  # step 0 is exactly the `tokens` gist
             nn.init.zeros_(self.out.bias)
+            # How much of the token rows to keep: one number lets training fade out text
+            # fragments that mislead the model faster than the residual could cancel them.
+            self.token_scale = nn.Parameter(torch.ones(()))
         finally:
             torch.random.set_rng_state(generator_state)
 
@@ -170,7 +173,7 @@ class TransformerGistNet(GistNet):
         for block in self.blocks:
             h = block(h)
         base = _token_gists(child_ids, x, rows).embeds  # (N, R, D)
-        out = base + self.out(self.norm(h[:, :rows]))  # (N, R, D)
+        out = self.token_scale * base + self.out(self.norm(h[:, :rows]))  # (N, R, D)
         ids = torch.full((n, rows), -1, dtype=torch.long)
         return Gists(ids, out.to(child_embeds.dtype))
 

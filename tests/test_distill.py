@@ -15,6 +15,7 @@ from trainer.distill import (
     distill,
     distill_loss,
     freeze,
+    gist_rows,
     new_gistnet,
     sample_batch,
 )
@@ -96,3 +97,17 @@ def test_lod2_stage_runs_through_two_levels(
     result = distill(model, tokens, config, tmp_path)
     assert [h["lod"] for h in result.history] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["kl"])) for h in result.history)
+
+
+def test_a_lod1_sample_gists_several_blocks_in_a_row(model: Any, tokens: torch.Tensor) -> None:
+    config = DistillConfig(**{**CONFIG.__dict__, "blocks": 3})
+    batch = sample_batch(tokens, config, 1, 0)
+    assert batch.shape == (2, 8 + 3 * 8 + 8)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    net = new_gistnet(config, hidden)
+    rows = gist_rows(net, batch[:, 8:32], model.get_input_embeddings(), 1)
+    per_block = gist_rows(net, batch[:, 16:24], model.get_input_embeddings(), 1)
+    assert rows.shape == (2, 3 * 2, hidden)  # 3 blocks x 2 rows, in text order
+    assert torch.equal(rows[:, 2:4], per_block)
+    loss, _ = distill_loss(model, net, batch, config, 1)
+    assert torch.isfinite(loss)

@@ -219,6 +219,8 @@ def _gistnet(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "kl_last10": sum(h["kl"] for h in recent) / max(len(recent), 1),
+        "gain_over_dropped_last10": sum(h["gain_over_dropped"] for h in recent)
+        / max(len(recent), 1),
         "config": dataclasses.asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

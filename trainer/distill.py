@@ -1,7 +1,9 @@
 """Distil a `transformer` GistNet through the frozen base model (`lens-trainer gistnet`).
 
 A sample is `[prefix raw tokens][span][horizon raw tokens]`. The teacher reads the span raw; the
-student reads it as gist rows (LOD1: one block; LOD2: `block_size` blocks gisted twice). Loss over
+student reads it as gist rows (LOD1: `blocks` blocks in a row, each its own gist; LOD2: one gist of
+`block_size` blocks, gisted twice). Serving shows long runs of gists before the raw tail, so a
+sample should too: one gist inside raw text teaches little about reading thirty in a row. Loss over
 the horizon: KL(teacher || student) of the next-token distributions plus `nll_weight` times the
 NLL of the true tokens. The base model is frozen, so gradients reach only the GistNet. Stage 1
 trains LOD1 for `lod1_steps`, stage 2 LOD2 for `lod2_steps` (the curriculum).
@@ -33,6 +35,8 @@ class DistillConfig:
     rows: int = 1
     """Gist rows per block (the compression knob: block_size / rows)."""
     block_size: int = 32
+    blocks: int = 1
+    """LOD1 samples: consecutive blocks replaced by their gists."""
     prefix: int = 64
     """Raw tokens before the gisted span."""
     horizon: int = 64
@@ -47,7 +51,7 @@ class DistillConfig:
 
 
 def span_tokens(config: DistillConfig, lod: int) -> int:
-    return int(config.block_size**lod)
+    return config.blocks * config.block_size if lod == 1 else config.block_size**lod
 
 
 def sample_batch(tokens: torch.Tensor, config: DistillConfig, lod: int, step: int) -> torch.Tensor:
@@ -59,34 +63,53 @@ def sample_batch(tokens: torch.Tensor, config: DistillConfig, lod: int, step: in
 
 
 def gist_rows(net: GistNet, span_ids: torch.Tensor, embed: torch.nn.Module, lod: int) -> Any:
-    """(N, B^lod) span tokens -> (N, R, D) gist rows, LOD1 then (lod 2) LOD2 over those."""
+    """(N, S) span tokens -> (N, S / B * R, D) LOD1 gist rows, or (lod 2, S = B^2) (N, R, D)."""
     n, b = span_ids.shape[0], net.config.block_size
-    blocks = span_ids.reshape(-1, b)  # (N * B^(lod-1), B)
-    gists = net(blocks, embed(blocks))  # embeds (N * B^(lod-1), R, D)
+    blocks = span_ids.reshape(-1, b)  # (N * S / B, B)
+    gists = net(blocks, embed(blocks))  # embeds (N * S / B, R, D)
     if lod == 2:
         ids = gists.token_ids.reshape(n, -1)  # (N, B * R)
         gists = net(ids, gists.embeds.reshape(n, ids.shape[1], -1))  # (N, R, D)
-    return gists.embeds
+    return gists.embeds.reshape(n, -1, gists.embeds.shape[-1])
 
 
 def distill_loss(
     model: Any, net: GistNet, batch: torch.Tensor, config: DistillConfig, lod: int
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """KL(teacher || student) + nll_weight * NLL over the horizon of `batch` (N, L)."""
+    """KL(teacher || student) + nll_weight * NLL over the horizon of `batch` (N, L).
+
+    Also reports `gain_over_dropped`: the horizon's KL with the span dropped minus with it gisted
+    (> 0: the gist tells the model more than nothing). Without a prefix the first horizon token
+    has no context at all when the span is dropped, so that comparison skips it."""
     p, s = config.prefix, span_tokens(config, lod)
     embed = model.get_input_embeddings()
     target = batch[:, p + s :]  # (N, H)
     with torch.no_grad():
-        teacher = model(input_ids=batch).logits[:, p + s - 1 : -1].float()  # (N, H, V)
+        teacher = model(input_ids=batch).logits[:, p + s - 1 : -1]  # (N, H, V)
+        log_teacher = teacher.float().log_softmax(-1)
+        dropped_ids = torch.cat([batch[:, :p], target], dim=1)  # (N, P + H)
+        dropped = model(input_ids=dropped_ids).logits[:, max(p - 1, 0) : -1]  # (N, H - skip, V)
+    skip = 1 if p == 0 else 0
     rows = gist_rows(net, batch[:, p : p + s], embed, lod)  # (N, R, D)
     student_in = torch.cat([embed(batch[:, :p]), rows, embed(target)], dim=1)  # (N, P + R + H, D)
     r = rows.shape[1]
-    student = model(inputs_embeds=student_in).logits[:, p + r - 1 : -1].float()  # (N, H, V)
-    log_student = student.log_softmax(-1)
-    kl = F.kl_div(log_student.flatten(0, 1), teacher.log_softmax(-1).flatten(0, 1),
-                  log_target=True, reduction="batchmean")  # fmt: skip
+    student = model(inputs_embeds=student_in).logits[:, p + r - 1 : -1]  # (N, H, V)
+    log_student = student.float().log_softmax(-1)
+    kl = _kl(log_teacher, log_student)
     nll = F.nll_loss(log_student.flatten(0, 1), target.flatten())
-    return kl + config.nll_weight * nll, {"kl": kl.item(), "nll": nll.item()}
+    with torch.no_grad():
+        gain = _kl(log_teacher[:, skip:], dropped.float().log_softmax(-1)) - _kl(
+            log_teacher[:, skip:], log_student[:, skip:]
+        )
+    parts = {"kl": kl.item(), "nll": nll.item(), "gain_over_dropped": gain.item()}
+    return kl + config.nll_weight * nll, parts
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(p || q), both (N, H, V) log-probabilities."""
+    return F.kl_div(
+        log_q.flatten(0, 1), log_p.flatten(0, 1), log_target=True, reduction="batchmean"
+    )
 
 
 def freeze(model: Any) -> None:
@@ -151,7 +174,7 @@ def distill(
         step += 1
         history.append({"step": step, "lod": lod, **parts})
         bar.update(1)
-        bar.set_postfix(lod=lod, kl=f"{parts['kl']:.3f}", nll=f"{parts['nll']:.3f}")
+        bar.set_postfix(lod=lod, kl=f"{parts['kl']:.3f}", gain=f"{parts['gain_over_dropped']:.3f}")
         if step % config.checkpoint_every == 0 or step == total:
             save_checkpoint(net, optimizer, step, out_dir)
             if on_checkpoint is not None:
