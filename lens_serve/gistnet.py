@@ -159,7 +159,7 @@ class TransformerGistNet(GistNet):
             nn.init.zeros_(self.out.weight)  # step 0 is exactly the `tokens` gist
             nn.init.zeros_(self.out.bias)
             # How much of the token rows to keep: one number lets training fade out text
-            # fragments that mislead the model faster than the residual could cancel them.
+            # fragments that mislead the model (in the README's 360-step run it stayed near 1).
             self.token_scale = nn.Parameter(torch.ones(()))
         finally:
             torch.random.set_rng_state(generator_state)

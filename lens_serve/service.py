@@ -351,7 +351,7 @@ class LensService:
             return prepared
 
     def _prewarm(self, wc_rows: torch.Tensor, answer: list[int]) -> None:
-        """Prefill `wc_rows` + the answer's rows in the background, at the lowest priority.
+        """Prefill `wc_rows` + the answer's rows in the background at PREWARM_PRIORITY.
 
         vLLM never reuses the KV of decoded tokens for a later prompt of embeddings (it hashes
         decoded tokens by id and prompt rows by their bytes), so without this every turn
