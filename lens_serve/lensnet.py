@@ -1,8 +1,9 @@
 """LensNet: a small non-causal transformer that scores the units of a working context.
 
 Each unit (a raw block, a gist, or the trailing partial block) becomes one token of LensNet's input:
-its content (the mean of its rows' embeddings, projected down) plus its LOD, span size, size in rows
-and distance from the newest token. Attention is non-causal, so every unit sees the tail (the
+its content (the mean of its rows' embeddings, projected down) plus its LOD, span size, size in rows,
+distance from the newest token and how much of the query's rare vocabulary its span holds (see
+`block_index`). Attention is non-causal, so every unit sees the tail (the
 query). The head gives one signed score per unit: > 0 asks to expand it, < 0 allows collapsing it.
 The head starts at zero, so an untrained LensNet changes nothing: the policy falls back to the
 newest-first tiling instead of acting on noise."""
@@ -23,7 +24,7 @@ from lens_serve.context import Tiling
 from lens_serve.tree import LifetimeTree
 
 CHECKPOINT_STEM = "lensnet"
-N_FEATURES = 6
+N_FEATURES = 7
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,9 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
         rows = np.append(rows, n - tiling.loose_start)
     ends = starts + size
     log_n = math.log1p(max(n, 1))
+    match = tree.index.query_match(tree.tokens(max(n - tail, 0), n), starts, ends)  # (U',)
+    if tiling.loose_start < n:
+        match[-1] = 1.0  # the trailing partial block is part of the query itself
     features = np.stack(
         [
             np.log1p(size) / log_n,  # span size
@@ -131,6 +135,7 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
             starts / max(n, 1),  # relative position in the lifetime
             (ends > n - tail).astype(np.float64),  # overlaps the raw tail (the query)
             np.log1p(n - starts) / log_n,  # age of the oldest covered token
+            match,  # IDF-weighted share of the query's (raw tail's) words in the span
         ],
         axis=1,
     )  # (U', F)

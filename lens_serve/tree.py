@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lens_serve.block_index import BlockIndex
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.gistnet import GistNet, Gists
 
@@ -72,6 +73,7 @@ class LifetimeTree:
         self._tokens = np.empty(1024, dtype=np.int32)
         self._length = 0
         self._levels: list[_GistLevel] = []  # index k - 1 holds level k
+        self.index = BlockIndex(self.block_size)  # token -> blocks holding it (LensNet's match)
 
     # -- growth ---------------------------------------------------------------------------------
 
@@ -88,6 +90,9 @@ class LifetimeTree:
             self._tokens = grown
         self._tokens[self._length : need] = new
         self._length = need
+        b, indexed = self.block_size, self.index.blocks
+        complete = need // b
+        self.index.add_blocks(self._tokens[indexed * b : complete * b].reshape(-1, b))
         self._grow_levels()
 
     def _grow_levels(self) -> None:
@@ -159,4 +164,4 @@ class LifetimeTree:
     def nbytes(self) -> int:
         """Memory held by this tree (tokens + gists), for the server's byte-bounded cache."""
         gists = sum(lv.token_ids.nbytes + lv.embeds.nbytes for lv in self._levels)
-        return int(self._tokens.nbytes) + gists
+        return int(self._tokens.nbytes) + gists + self.index.nbytes
