@@ -102,6 +102,8 @@ class Settings(BaseSettings):
     """prompt target: how many of the prompt's last tokens are held out."""
     shadow_variants: int = Field(4, ge=0)
     """Random variants of the served working context per shadow job."""
+    shadow_guided_share: float = Field(0.5, ge=0, le=1)
+    """Share of a random edit's probability drawn toward spans that match the query (0: uniform)."""
     shadow_queue: int = Field(64, ge=1)
     """Shadow jobs waiting at most; more are dropped and counted."""
     shadow_max_lifetime: int = Field(65_536, ge=1)

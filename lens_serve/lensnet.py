@@ -1,9 +1,9 @@
 """LensNet: a small non-causal transformer that scores the units of a working context.
 
 Each unit (a raw block, a gist, or the trailing partial block) becomes one token of LensNet's input:
-its content (the mean of its rows' embeddings, projected down) plus its LOD, span size, size in rows,
-distance from the newest token and how much of the query's rare vocabulary its span holds (see
-`block_index`). Attention is non-causal, so every unit sees the tail (the
+its content (the mean of its rows' embeddings, projected down) plus its LOD, span size, size in
+rows, distance from the newest token and how much of the query's rare vocabulary its span holds
+(see `block_index`). Attention is non-causal, so every unit sees the tail (the
 query). The head gives one signed score per unit: > 0 asks to expand it, < 0 allows collapsing it.
 The head starts at zero, so an untrained LensNet changes nothing: the policy falls back to the
 newest-first tiling instead of acting on noise."""
@@ -124,7 +124,7 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
         rows = np.append(rows, n - tiling.loose_start)
     ends = starts + size
     log_n = math.log1p(max(n, 1))
-    match = tree.index.query_match(tree.tokens(max(n - tail, 0), n), starts, ends)  # (U',)
+    match = query_match(tree, starts, ends, tail)  # (U',)
     if tiling.loose_start < n:
         match[-1] = 1.0  # the trailing partial block is part of the query itself
     features = np.stack(
@@ -140,6 +140,18 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
         axis=1,
     )  # (U', F)
     return UnitInputs(content, torch.from_numpy(lods), torch.from_numpy(features).float())
+
+
+def query_match(tree: LifetimeTree, starts: np.ndarray, ends: np.ndarray, tail: int) -> np.ndarray:
+    """(U,) match of the spans [starts, ends) with the query, the newest `tail` tokens."""
+    n = tree.lifetime
+    return tree.index.query_match(tree.tokens(max(n - tail, 0), n), starts, ends)
+
+
+def tiling_query_match(tree: LifetimeTree, tiling: Tiling, tail: int) -> np.ndarray:
+    """(U,) query match of each unit of `tiling` (the partial block not included)."""
+    spans = np.array([tiling.unit_span(u) for u in tiling.units], dtype=np.int64).reshape(-1, 2)
+    return query_match(tree, spans[:, 0], spans[:, 1], tail)
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ import numpy as np
 from lens_serve.allocator import EditStats, FocusConfig, FocusState, refocus
 from lens_serve.context import (
     Tiling,
+    Unit,
     WorkingContext,
     children,
     coarsest_tiling,
@@ -93,9 +94,34 @@ class ContextChooser:
             state = FocusState(
                 extend_tiling(state.tiling, tree.lifetime), state.step, state.created_at
             )
-        scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
         node_counts = [tree.node_count(k) for k in range(tree.levels + 1)]
-        return refocus(state, scores, budget, tail, node_counts, self.focus, fresh)
+        if not fresh:
+            scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
+            return refocus(state, scores, budget, tail, node_counts, self.focus, fresh)
+        # A fresh WC is refined coarse to fine: each round scores the units the previous one
+        # revealed, so a span deep in the oldest gist can reach raw tokens in one request. The
+        # cooldown guards a session's turns against flapping; within one choice, refining a unit
+        # just made is the point, so every round starts without it and the units made by all
+        # rounds are protected from the next turn on.
+        made: set[Unit] = set()
+        totals = np.zeros(3, dtype=np.int64)  # expands, collapses, forced collapses
+        for _ in range(max(tree.levels, 1)):
+            scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
+            state, stats = refocus(
+                FocusState(state.tiling, state.step),
+                scores,
+                budget,
+                tail,
+                node_counts,
+                self.focus,
+                fresh,
+            )
+            made.update(state.created_at)
+            totals += (stats.expands, stats.collapses, stats.forced_collapses)
+            if stats.expands + stats.collapses + stats.forced_collapses == 0:
+                break
+        state = FocusState(state.tiling, state.step, dict.fromkeys(made, state.step))
+        return state, EditStats(*(int(t) for t in totals))
 
 
 def check_feasible(

@@ -1,8 +1,16 @@
 """Random variants of a tiling, for shadow scoring and training.
 
-Each step picks one edit uniformly among all legal ones (expands that fit the free rows and
-collapses of whole sibling groups outside the tail) and records its probability, so a preference
-record carries exactly how likely its variant was under the sampler."""
+Each step picks one edit among all legal ones (expands that fit the free rows and collapses of
+whole sibling groups outside the tail) and records its probability, so a preference record carries
+exactly how likely its variant was under the sampler.
+
+The pick is uniform, or, with a per-unit `guide`, a mixture: `guided_share` of the probability
+follows softmax(key / temperature), where an expand's key is its unit's guide and a collapse's is
+minus its group's mean guide; the rest stays uniform, so every legal edit keeps a chance. Uniform
+edits of a long lifetime almost never touch the one span a request needs (one expand among ~100
+candidates): the loop's needle records showed no difference between variants in 9 of 10. The guide
+(the query match) points exploration at spans worth measuring; LensNet still learns only from the
+measured NLLs."""
 
 from __future__ import annotations
 
@@ -39,10 +47,15 @@ def sample_variant(
     node_counts: list[int],
     rng: np.random.Generator,
     n_edits: int,
+    guide: np.ndarray | None = None,
+    guided_share: float = 0.5,
+    temperature: float = 0.1,
 ) -> Variant:
-    """Apply up to `n_edits` uniformly random legal edits (fewer if none is legal)."""
+    """Apply up to `n_edits` random legal edits (fewer if none is legal). guide: (U,) or None."""
     b, r = tiling.block_size, tiling.gist_rows
     units = list(tiling.units)
+    guides = [0.0] * len(units) if guide is None else np.asarray(guide, np.float64).tolist()
+    share = 0.0 if guide is None else guided_share
     edits: list[SampledEdit] = []
     for _ in range(n_edits):
         current = Tiling(units, tiling.lifetime, b, r)
@@ -53,13 +66,23 @@ def sample_variant(
         total = len(expands) + len(collapses)
         if total == 0:
             break
-        pick = int(rng.integers(total))
+        keys = np.array(
+            [guides[p] for p in expands]
+            + [-float(np.mean(guides[c.position : c.position + c.length])) for c in collapses]
+        )  # (total,)
+        guided = np.exp((keys - keys.max()) / temperature)
+        probs = (1.0 - share) / total + share * guided / guided.sum()  # (total,)
+        pick = int(rng.choice(total, p=probs / probs.sum()))
         if pick < len(expands):
             p = expands[pick]
-            edits.append(SampledEdit("expand", units[p], 1.0 / total))
-            units[p : p + 1] = children(units[p], b)
+            edits.append(SampledEdit("expand", units[p], float(probs[pick])))
+            kids = children(units[p], b)
+            units[p : p + 1] = kids
+            guides[p : p + 1] = [guides[p]] * len(kids)  # children inherit their parent's guide
         else:
             c = collapses[pick - len(expands)]
-            edits.append(SampledEdit("collapse", c.parent, 1.0 / total))
+            edits.append(SampledEdit("collapse", c.parent, float(probs[pick])))
             units[c.position : c.position + c.length] = [c.parent]
+            group = guides[c.position : c.position + c.length]
+            guides[c.position : c.position + c.length] = [float(np.mean(group))]
     return Variant(Tiling(units, tiling.lifetime, b, r), tuple(edits))

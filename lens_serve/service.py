@@ -164,6 +164,7 @@ class LensService:
                     rate=settings.shadow_rate,
                     queue_size=settings.shadow_queue,
                     random_variants=settings.shadow_variants,
+                    guided_share=settings.shadow_guided_share,
                     max_lifetime=settings.shadow_max_lifetime,
                     seed=settings.lens_seed,
                 ),

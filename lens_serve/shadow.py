@@ -23,6 +23,7 @@ from lens_serve import metrics
 from lens_serve.assembly import assemble
 from lens_serve.context import Tiling, WorkingContext, coarsest_tiling, fill_newest_first
 from lens_serve.engine import Engine
+from lens_serve.lensnet import tiling_query_match
 from lens_serve.policies import ContextChooser
 from lens_serve.preferences import PreferenceLog, spec_from_tiling, spec_from_working_context
 from lens_serve.sampler import sample_variant
@@ -46,6 +47,8 @@ class ShadowConfig:
     """Random edits of the served working context measured per job."""
     edits_per_variant: int = 2
     """Random edits per variant."""
+    guided_share: float = 0.5
+    """Share of each edit's probability that follows the units' query match (see `sampler`)."""
     max_lifetime: int = 65_536
     """Longer lifetimes are not sampled: a record carries the whole lifetime."""
     seed: int = 0
@@ -176,9 +179,17 @@ class ShadowScorer:
         counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         rng = np.random.default_rng(seed)
         seen = {served.signature()}
+        guide = tiling_query_match(tree, base, tail)  # (U,) explore where the query points
         for _ in range(self._config.random_variants):
             variant = sample_variant(
-                base, budget, tail, counts, rng, self._config.edits_per_variant
+                base,
+                budget,
+                tail,
+                counts,
+                rng,
+                self._config.edits_per_variant,
+                guide=guide,
+                guided_share=self._config.guided_share,
             )
             wc = variant.tiling.to_working_context("random")
             if wc.signature() in seen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -11,8 +12,9 @@ from lens_serve.allocator import FocusState
 from lens_serve.assembly import assemble, shown_token_ids
 from lens_serve.context import check_invariants, coarsest_tiling
 from lens_serve.errors import InvalidRequest
-from lens_serve.policies import POLICIES
-from tests.core_helpers import chooser, make_tree, node_counts
+from lens_serve.lensnet import LensNet, LensNetConfig
+from lens_serve.policies import POLICIES, ContextChooser
+from tests.core_helpers import HIDDEN, chooser, make_tree, node_counts
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -126,3 +128,32 @@ def test_uniform_uses_one_level_for_older_text() -> None:
     wc = chooser().choose(tree, "uniform", 1100, 16).working_context
     old = wc.lods[wc.ends <= 4096 - 16 - 4]
     assert set(old.tolist()) == {1}  # 4096 / 4 = 1024 LOD1 gists fit in 1100 rows
+
+
+class QuerySeekingLensNet(LensNet):
+    """Asks to expand exactly the units that hold the query's rarest word (match feature)."""
+
+    def forward(
+        self, content: torch.Tensor, lods: torch.Tensor, features: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        match = features[..., -1]  # (B, U)
+        return torch.where(match > 0.5, 1.0, -1.0)
+
+
+def test_a_fresh_lens_choice_refines_a_deep_span_down_to_raw_tokens() -> None:
+    b, tail, budget = 4, 8, 48
+    tree = make_tree(0, block_size=b, rows=1)
+    tokens = np.random.default_rng(0).integers(0, 8, 1024)  # common words: in most blocks
+    needle = 500  # the only occurrence of token 500 besides the question at the tail
+    tokens[6], tokens[-3] = needle, needle
+    tree.append(tokens)
+    net = QuerySeekingLensNet(LensNetConfig(hidden_size=HIDDEN, width=8, heads=2))
+    choice = ContextChooser(net).choose(tree, "lens", budget, tail)
+    wc = choice.working_context
+    check_invariants(wc, budget, tail, node_counts(tree))
+    covering = np.searchsorted(wc.starts, 6, side="right") - 1
+    # Block 1 sits at LOD 4 in the newest-first tiling; one scoring round could only lower it to
+    # LOD 3. Every round scores the children the last one revealed, down to the raw tokens.
+    assert coarsest_tiling(1024, tail, tree.levels, b, 1).units[0][0] >= 3
+    assert wc.lods[covering] == 0
+    assert choice.stats is not None and choice.stats.expands >= 4

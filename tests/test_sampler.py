@@ -43,3 +43,29 @@ def test_same_seed_same_variant_and_different_seed_differs() -> None:
 
     assert draw(1) == draw(1)
     assert any(draw(1) != draw(s) for s in range(2, 6))
+
+
+def test_a_guide_draws_edits_toward_its_unit_and_records_the_mixed_probability() -> None:
+    tree = make_tree(3000, block_size=4)
+    base = fill_newest_first(coarsest_tiling(3000, 16, tree.levels, 4, 1), 300)
+    counts = node_counts(tree)
+    budget = base.rows + 40  # room for expands, so most legal edits are expands
+    target = next(p for p, u in enumerate(base.units) if u[0] == 1)
+    guide = np.zeros(len(base.units))
+    guide[target] = 1.0
+
+    def first_edit(seed: int, share: float) -> tuple[tuple[int, int], float]:
+        rng = np.random.default_rng(seed)
+        edit = sample_variant(base, budget, 16, counts, rng, 1, guide, share).edits[0]
+        return edit.unit, edit.probability
+
+    guided = [first_edit(seed, 0.5) for seed in range(40)]
+    hits = [p for unit, p in guided if unit == base.units[target]]
+    assert len(hits) > 15  # about half of the draws (plus its uniform share)
+    # Half the mass is uniform over the legal edits, the guided half almost all on the target.
+    uniform = [first_edit(seed, 0.0) for seed in range(40)]
+    total = round(1 / uniform[0][1])
+    assert all(math.isclose(p, 1 / total) for _, p in uniform)
+    softmax = 1 / (1 + (total - 1) * math.exp(-1.0 / 0.1))  # every other key is 0, tau 0.1
+    assert math.isclose(hits[0], 0.5 / total + 0.5 * softmax, rel_tol=1e-6)
+    assert sum(unit == base.units[target] for unit, _ in uniform) < 5

@@ -72,8 +72,8 @@ def test_gate_refuses_a_worse_model(
 
 
 def test_gate_refuses_lower_agreement_even_when_the_sign_is_right() -> None:
-    current = GateReport(0.9, 0.5, 0.1, 100, 50, 10, 0.0)
-    new = GateReport(0.8, 0.6, 0.1, 100, 50, 10, 0.0)
+    current = GateReport(0.9, 0.9, 0.5, 0.1, 100, 50, 10, 0.0)
+    new = GateReport(0.8, 0.8, 0.6, 0.1, 100, 50, 10, 0.0)
     decision = decide(new, current)
     assert not decision.passed
     assert "agreement" in decision.reason

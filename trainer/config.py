@@ -53,8 +53,11 @@ class TrainerSettings(BaseSettings):
     """Train from this `lens-trainer dump` file instead of the stream."""
     log_every_s: float = Field(default=30.0, gt=0)
     """Seconds between progress lines."""
-    min_nll_std: float = Field(default=0.05, gt=0)
-    """Advantage normalisation floor (nats) of a record's NLL spread."""
+    min_nll_std: float = Field(default=0.25, gt=0)
+    """Advantage normalisation floor (nats) of a record's NLL spread. A record whose variants
+    differ by hundredths of a nat (the needle was in none of them) teaches that much more weakly
+    than one where a variant showed the answer (a gap of nats); with a floor at the noise level
+    (0.05) the many noise records outweighed the few informative ones."""
     pair_scale: float = Field(default=1.0, gt=0)
     """Pair strength = tanh(normalised NLL gap / pair_scale)."""
     max_pairs: int = Field(default=16, ge=1)

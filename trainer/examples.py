@@ -58,7 +58,7 @@ class RecordError(ValueError):
 
 @dataclass(frozen=True)
 class TargetConfig:
-    min_std: float = 0.05
+    min_std: float = 0.25
     """Floor (nats) of a record's NLL std in advantage normalisation: gaps far below it are noise
     and get small weights instead of being blown up to full strength."""
     scale: float = 1.0

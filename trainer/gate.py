@@ -2,7 +2,10 @@
 
 Two measurements on the held-out slice (every k-th record by a hash of its stream id, so the split
 is the same on every trainer and every restart):
-- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way;
+- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way
+  (and, reported beside it, weighted by each pair's strength: most needle records' variants differ
+  by hundredths of a nat, a few by nats; the weighted share says how much of the NLL at stake
+  LensNet orders right);
 - correlation: across variants, Pearson correlation between LensNet's verdict on the variant's
   edits of the served WC (mean score of the served units the variant shows finer minus mean score
   of those it shows coarser) and the NLL the edits gained, both
@@ -24,7 +27,7 @@ import torch
 
 from lens_serve.lensnet import LensNet
 from trainer.examples import Example
-from trainer.train import collate, preference_loss, scores
+from trainer.train import agrees, collate, preference_loss, scores
 
 # Examples per LensNet forward: bounds the padded (V, U, D) batch's memory.
 _EVAL_CHUNK = 32
@@ -39,6 +42,7 @@ def is_held_out(entry_id: str, every: int) -> bool:
 @dataclass(frozen=True)
 class GateReport:
     agreement: float
+    weighted_agreement: float  # pairs weighted by strength: the share of the NLL at stake
     correlation: float
     loss: float
     pairs: int
@@ -61,7 +65,7 @@ class GateDecision:
 @torch.inference_mode()
 def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> GateReport:
     net.eval()
-    agree_sum = loss_sum = 0.0
+    agree_sum = loss_sum = weighted_sum = strength_sum = 0.0
     pairs = 0
     verdicts: list[float] = []
     gains: list[float] = []
@@ -73,6 +77,9 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
         s = scores(net, batch)  # (V, U)
         if batch.pairs:
             loss, agreement = preference_loss(s, batch, temperature)
+            strength = batch.targets.abs().sum(dim=1)  # (P,) the pair's normalised NLL gap, x2
+            weighted_sum += float((agrees(s, batch) * strength).sum())
+            strength_sum += float(strength.sum())
             agree_sum += float(agreement) * batch.pairs
             loss_sum += float(loss) * batch.pairs
             pairs += batch.pairs
@@ -96,6 +103,7 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
     ]
     return GateReport(
         agreement=agree_sum / pairs if pairs else 0.0,
+        weighted_agreement=weighted_sum / strength_sum if strength_sum else 0.0,
         correlation=pearson(verdicts, gains),
         loss=loss_sum / pairs if pairs else math.nan,
         pairs=pairs,

@@ -96,10 +96,16 @@ def preference_loss(
     sign, weight = batch.targets.sign(), batch.targets.abs()  # (P, U) each
     per_unit = F.softplus(-sign * s / temperature) * weight  # (P, U), 0 where untargeted
     loss = per_unit.sum(dim=1).mean()  # each side of a pair carries its strength once
+    agreement = agrees(unit_scores, batch).float().mean()
+    return loss, agreement
+
+
+def agrees(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(P,) bool: does LensNet rank each pair's expand side above its collapse side?"""
+    s = unit_scores[batch.pair_variant]  # (P, U)
     # (P,): mean score of the units to expand minus that of the units to collapse, times strength
     margin = (s * batch.targets).sum(dim=1)
-    agreement = (margin > _TIE).float().mean()  # a tie (a constant score's 0) never agrees
-    return loss, agreement
+    return margin > _TIE  # a tie (a constant score's 0) never agrees
 
 
 @dataclass(frozen=True)
