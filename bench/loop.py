@@ -323,6 +323,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     curve = [
         {"steps": g["steps"], "records": g["records"], "held_out": g["held_out"],
          "agreement": g["new"]["agreement"], "current_agreement": g["current"]["agreement"],
+         "weighted_agreement": g["new"].get("weighted_agreement"),
          "correlation": g["new"]["correlation"], "passed": g["passed"]}
         for g in gates
     ]  # fmt: skip
@@ -414,8 +415,11 @@ def main() -> None:
     args = parser.parse_args()
     result = asyncio.run(run(args))
     before, after = result["answer_nll_before"], result["answer_nll_after"]
-    curve = [(p["steps"], round(p["agreement"], 3)) for p in result["agreement_curve"]]
-    print(f"held-out agreement at each gate (steps, agreement): {curve} (target >= 0.7)")
+    curve = [
+        (p["steps"], round(p["agreement"], 3), round(p["weighted_agreement"] or 0.0, 3))
+        for p in result["agreement_curve"]
+    ]
+    print(f"held-out agreement at each gate (steps, agreement, weighted): {curve} (target >= 0.7)")
     print("answer NLL before: " + ", ".join(f"{p} {before[p]:.3f}" for p in POLICIES))
     print("answer NLL after:  " + ", ".join(f"{p} {after[p]:.3f}" for p in POLICIES))
     swap, server = result["swap_latency_s"], result["server_swap_s"]
