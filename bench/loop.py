@@ -109,6 +109,10 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"p50": median(values), "max": max(values, default=float("nan")), "n": len(values)}
+
+
 async def answer_nll(
     client: LensClient, needles: Sequence[Needle], budget: int, policies: Sequence[str]
 ) -> dict[str, float]:
@@ -258,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=MAX_POSITIONS, max_session_tokens=max_lifetime * 2,
         shadow_rate=1.0, shadow_target="prompt", shadow_variants=args.variants,
         shadow_max_lifetime=max_lifetime + 64, lens_poll_seconds=0.2,
-        kv_cache_gib=args.kv_cache_gib,
+        kv_cache_gib=args.kv_cache_gib, max_batched_tokens=args.max_batched_tokens,
     )  # fmt: skip
     # The engine starts before Redis does, so it is configured from settings without a URL yet.
     engine_settings = Settings(**settings_kw, redis_url="redis://unused")
@@ -319,6 +323,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await engine.shutdown()
     latencies = swap_latencies([*published, *swapped], traffic.probes)
+    under_load = swap_latencies(published, traffic.probes)  # the trainer's, during traffic
+    idle = swap_latencies(swapped, traffic.probes)
     server_swaps = swap_latencies(swapped, switches)
     curve = [
         {"steps": g["steps"], "records": g["records"], "held_out": g["held_out"],
@@ -336,16 +342,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "final_version": final,
         "agreement_curve": curve,
         "published_versions": [v.version for v in published],
-        "swap_latency_s": {
-            "p50": median(latencies),
-            "max": max(latencies, default=float("nan")),
-            "n": len(latencies),
-        },
-        "server_swap_s": {
-            "p50": median(server_swaps),
-            "max": max(server_swaps, default=float("nan")),
-            "n": len(server_swaps),
-        },
+        "swap_latency_s": summary(latencies),
+        "swap_latency_under_load_s": summary(under_load),
+        "swap_latency_idle_s": summary(idle),
+        "server_swap_s": summary(server_swaps),
         "requests": traffic.requests,
         "failed_requests": traffic.failed,
         "records_logged": records,
@@ -410,6 +410,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--redis-records", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
+    parser.add_argument(
+        "--max-batched-tokens", type=int, default=1024,
+        help="rows per vLLM step (LENS_MAX_BATCHED_TOKENS; 0 = vLLM's default, 4096 on CPU)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/loop.json"))
     args = parser.parse_args()
@@ -423,9 +427,12 @@ def main() -> None:
     print("answer NLL before: " + ", ".join(f"{p} {before[p]:.3f}" for p in POLICIES))
     print("answer NLL after:  " + ", ".join(f"{p} {after[p]:.3f}" for p in POLICIES))
     swap, server = result["swap_latency_s"], result["server_swap_s"]
+    load, idle = result["swap_latency_under_load_s"], result["swap_latency_idle_s"]
     print(
         f"publish -> first response on it: p50 {swap['p50']:.3f} s over {swap['n']} versions "
-        f"(target <= 1 s); publish -> server swapped: p50 {server['p50']:.3f} s; "
+        f"(target <= 1 s): the trainer's during traffic p50 {load['p50']:.3f} s (n {load['n']}), "
+        f"published while only probes run p50 {idle['p50']:.3f} s (n {idle['n']}); "
+        f"publish -> server swapped: p50 {server['p50']:.3f} s; "
         f"failed requests {result['failed_requests']} of {result['requests']}"
     )
     print(

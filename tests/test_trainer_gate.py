@@ -13,7 +13,7 @@ from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
 from trainer.examples import Example, TargetConfig, example_from_record
 from trainer.gate import GateReport, decide, evaluate, is_held_out, pearson
-from trainer.train import PreferenceTrainer, collate
+from trainer.train import PreferenceTrainer, agrees, collate, scores
 
 HELD_OUT_EVERY = 4
 
@@ -49,6 +49,7 @@ def test_trained_lensnet_passes_the_gate_against_the_initial_one(
     initial = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN, seed=0)), held, 1.0)
     new = evaluate(trained, held, 1.0)
     assert new.agreement > 0.7 > initial.agreement
+    assert new.weighted_agreement > 0.7 > initial.weighted_agreement
     assert new.correlation > 0
     decision = decide(new, initial)
     assert decision.passed, decision.reason
@@ -66,6 +67,7 @@ def test_gate_refuses_a_worse_model(
     worse = evaluate(flipped, held, 1.0)
     assert worse.correlation < 0
     assert worse.agreement < current.agreement
+    assert worse.weighted_agreement < current.weighted_agreement
     decision = decide(worse, current)
     assert not decision.passed
     assert "correlation" in decision.reason
@@ -98,3 +100,18 @@ def test_pearson_is_zero_when_undefined() -> None:
     assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
     assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
     assert pearson([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == pytest.approx(-1.0)
+
+
+def test_weighted_agreement_counts_each_pair_by_its_strength(
+    split: tuple[list[Example], list[Example]], trained: LensNet
+) -> None:
+    _, held = split
+    report = evaluate(trained, held, 1.0)
+    batch = collate(held, all_variants=True)
+    strength = batch.targets.abs().sum(dim=1).numpy()  # (P,)
+    assert strength.min() < 0.5 * strength.max()  # pairs differ in strength: weighting matters
+    with torch.no_grad():
+        agreed = agrees(scores(trained, batch), batch).numpy()  # (P,)
+    expected = float((agreed * strength).sum() / strength.sum())
+    assert report.weighted_agreement == pytest.approx(expected, rel=1e-5)
+    assert report.agreement == pytest.approx(float(agreed.mean()), rel=1e-5)
