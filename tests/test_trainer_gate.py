@@ -88,6 +88,14 @@ def test_gate_refuses_when_there_are_no_held_out_pairs() -> None:
     assert not decide(empty, empty).passed
 
 
+def test_gate_refuses_too_few_held_out_records() -> None:
+    good = GateReport(0.9, 0.9, 0.5, 0.1, 100, 50, 3, 0.0)  # 3 records
+    assert decide(good, good).passed
+    decision = decide(good, good, min_records=4)
+    assert not decision.passed
+    assert "3 held-out records" in decision.reason
+
+
 def test_held_out_split_is_deterministic_and_about_one_in_k() -> None:
     ids = [f"{1700000000000 + i}-{i % 3}" for i in range(4000)]
     first = [is_held_out(i, 10) for i in ids]

@@ -191,6 +191,21 @@ async def test_restarted_trainer_resumes_from_the_current_version(
         assert (await fetch(redis_client, result.published[0])).parent == version
 
 
+async def test_a_current_version_this_trainer_cannot_load_starts_a_new_lineage(
+    redis_client: Redis, redis_url: str
+) -> None:
+    await _fill(redis_client)
+    # Published by a LensNet of another shape (e.g. before an input feature was added).
+    other = await publish(redis_client, LensNet(LensNetConfig(hidden_size=2 * HIDDEN)))
+    assert await current_version(redis_client) == other
+    trainer, _ = _trainer(redis_client, redis_url, max_steps=40)
+    result = await trainer.run()
+    assert result.steps == 40  # trained instead of failing at start
+    assert result.published
+    assert await current_version(redis_client) == result.published[-1]
+    assert (await fetch(redis_client, result.published[0])).parent == ""
+
+
 async def test_stop_request_finishes_the_step_and_releases_the_lock(
     redis_client: Redis, redis_url: str
 ) -> None:

@@ -43,6 +43,9 @@ class TrainerSettings(BaseSettings):
     """Lease of `lens:trainer:lock`; renewed every third of it while the trainer runs."""
     held_out_every: int = Field(default=10, ge=2)
     """One record in this many (by stream-id hash) is held out for the gate, never trained on."""
+    min_held_out: int = Field(default=4, ge=1)
+    """Held-out records the gate needs before it may publish: on one or two records agreement
+    and correlation are coin flips (a loop bench run published on one)."""
     replay_size: int = Field(default=2000, ge=1)
     """Records kept in the replay buffer (and the durable `lens:trainer:replay` list)."""
     read_count: int = Field(default=64, ge=1)

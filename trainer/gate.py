@@ -13,7 +13,8 @@ is the same on every trainer and every restart):
   expanding helped. MegaContext's scores ended up anti-correlated with the loss gap; this is the
   check that would have caught it. It is a polarity check, not a quality measure (that is
   agreement): a constant score can pass it.
-A new version passes if agreement(new) >= agreement(current) and correlation(new) > 0."""
+A new version passes if there are at least `min_held_out` held-out records,
+agreement(new) >= agreement(current) and correlation(new) > 0."""
 
 from __future__ import annotations
 
@@ -123,9 +124,13 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return float(a @ b) / denom if denom > 1e-12 else 0.0
 
 
-def decide(new: GateReport, current: GateReport) -> GateDecision:
+def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDecision:
     if new.pairs == 0:
         return GateDecision(False, "no held-out preference pairs yet", new, current)
+    if new.records < min_records:
+        return GateDecision(
+            False, f"{new.records} held-out records, the gate needs {min_records}", new, current
+        )
     if new.correlation <= 0:
         return GateDecision(
             False,

@@ -38,7 +38,7 @@ from lens_serve.aio import cancel_and_wait
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.preferences import parse_record
-from lens_serve.weights import current_version, fetch, publish, verify_and_load
+from lens_serve.weights import WeightsRejected, current_version, fetch, publish, verify_and_load
 from trainer.config import TrainerSettings
 from trainer.data import Entry, PreferenceConsumer, read_dump
 from trainer.examples import Example, TargetConfig, example_from_record
@@ -133,6 +133,7 @@ class Trainer:
         self.current_net = copy.deepcopy(self.net)
         self.current_version = ""  # "" = nothing published: the initial LensNet
         self._lineage_steps = 0  # steps behind the current weights, across restarts
+        self._unloadable: set[str] = set()  # published versions this trainer cannot load
         self._trainer = self._new_optimizer()
         self.result = RunResult()
         self._losses: list[float] = []
@@ -235,10 +236,29 @@ class Trainer:
         if not version:
             logger.info("no current LensNet: starting from the seeded initial %s", self.net.version)
             return
-        published = await fetch(self._redis, version)
-        net = await asyncio.to_thread(verify_and_load, published, self.table.hidden_size)
-        self._adopt(net, version, int(published.metrics.get("steps") or 0))
+        net, steps = await self._load_current(version)
+        if net is None:
+            # E.g. published by an older LensNet with other inputs: versions are immutable, so
+            # train a new lineage; the gate compares it with the seeded initial, and its first
+            # publish replaces the unloadable current version (servers reject it too).
+            logger.warning("starting from the seeded initial %s", self.net.version)
+            return
+        self._adopt(net, version, steps)
         logger.info("resuming from %s (%d steps)", version, self._lineage_steps)
+
+    async def _load_current(self, version: str) -> tuple[LensNet | None, int]:
+        """The published `version` and its lineage steps; None if this trainer cannot load it."""
+        assert self._redis is not None
+        if version in self._unloadable:
+            return None, 0
+        published = await fetch(self._redis, version)
+        try:
+            net = await asyncio.to_thread(verify_and_load, published, self.table.hidden_size)
+        except WeightsRejected as e:
+            logger.warning("lens:current %s", e)
+            self._unloadable.add(version)
+            return None, 0
+        return net, int(published.metrics.get("steps") or 0)
 
     def _adopt(self, net: LensNet, version: str, steps: int) -> None:
         self.net = net
@@ -339,10 +359,11 @@ class Trainer:
         version = await current_version(self._redis)
         if not version or version == self.current_version:
             return False
-        published = await fetch(self._redis, version)
-        net = await asyncio.to_thread(verify_and_load, published, self.table.hidden_size)
+        net, steps = await self._load_current(version)
+        if net is None:
+            return False  # nothing to continue from: keep this lineage (logged once)
         logger.warning("lens:current moved to %s outside this trainer: continuing from it", version)
-        self._adopt(net, version, int(published.metrics.get("steps") or 0))
+        self._adopt(net, version, steps)
         return True
 
     async def _gate_and_publish(self) -> None:
@@ -359,7 +380,7 @@ class Trainer:
         held = self.buffer.held_out
         new = evaluate(self.net, held, self.settings.temperature)
         current = evaluate(self.current_net, held, self.settings.temperature)
-        return decide(new, current)
+        return decide(new, current, self.settings.min_held_out)
 
     async def _publish(self, decision: GateDecision) -> None:
         assert self._redis is not None and self.lock is not None
