@@ -16,7 +16,7 @@ from lens_serve.gistnet import (
     load_gistnet,
     save_gistnet,
 )
-from lens_serve.lensnet import LensNet, LensNetConfig, load_lensnet, save_lensnet
+from lens_serve.lensnet import N_FEATURES, LensNet, LensNetConfig, load_lensnet, save_lensnet
 from tests.core_helpers import HIDDEN, random_lensnet
 
 
@@ -38,7 +38,7 @@ def test_lensnet_save_load_gives_identical_scores(tmp_path: Path) -> None:
     net = random_lensnet(4)
     save_lensnet(net, tmp_path)
     loaded = load_lensnet(tmp_path)
-    args = (torch.randn(2, 7, HIDDEN), torch.randint(0, 3, (2, 7)), torch.rand(2, 7, 6))
+    args = (torch.randn(2, 7, HIDDEN), torch.randint(0, 3, (2, 7)), torch.rand(2, 7, N_FEATURES))
     valid = torch.ones(2, 7, dtype=torch.bool)
     assert torch.equal(net(*args, valid), loaded(*args, valid))
     assert loaded.version == net.version
