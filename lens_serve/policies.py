@@ -105,7 +105,7 @@ class ContextChooser:
         # rounds are protected from the next turn on.
         made: set[Unit] = set()
         totals = np.zeros(3, dtype=np.int64)  # expands, collapses, forced collapses
-        for _ in range(max(tree.levels, 1)):
+        for _ in range(self.focus.fresh_rounds):
             scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
             state, stats = refocus(
                 FocusState(state.tiling, state.step),

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lens_serve.allocator import FocusState
+from lens_serve.allocator import FocusConfig, FocusState
 from lens_serve.assembly import assemble, shown_token_ids
 from lens_serve.context import check_invariants, coarsest_tiling
 from lens_serve.errors import InvalidRequest
@@ -148,12 +148,14 @@ def test_a_fresh_lens_choice_refines_a_deep_span_down_to_raw_tokens() -> None:
     tokens[6], tokens[-3] = needle, needle
     tree.append(tokens)
     net = QuerySeekingLensNet(LensNetConfig(hidden_size=HIDDEN, width=8, heads=2))
-    choice = ContextChooser(net).choose(tree, "lens", budget, tail)
-    wc = choice.working_context
-    check_invariants(wc, budget, tail, node_counts(tree))
-    covering = np.searchsorted(wc.starts, 6, side="right") - 1
-    # Block 1 sits at LOD 4 in the newest-first tiling; one scoring round could only lower it to
-    # LOD 3. Every round scores the children the last one revealed, down to the raw tokens.
-    assert coarsest_tiling(1024, tail, tree.levels, b, 1).units[0][0] >= 3
-    assert wc.lods[covering] == 0
-    assert choice.stats is not None and choice.stats.expands >= 4
+
+    def lod_of_the_needle(rounds: int) -> int:
+        chooser_ = ContextChooser(net, FocusConfig(fresh_rounds=rounds))
+        wc = chooser_.choose(tree, "lens", budget, tail).working_context
+        check_invariants(wc, budget, tail, node_counts(tree))
+        return int(wc.lods[np.searchsorted(wc.starts, 6, side="right") - 1])
+
+    # Block 1 sits at LOD 4 in the newest-first tiling. Each round scores the children the last
+    # one revealed, one level further down: four rounds reach the raw tokens.
+    assert coarsest_tiling(1024, tail, tree.levels, b, 1).units[0][0] == 4
+    assert [lod_of_the_needle(r) for r in (1, 2, 4)] == [3, 2, 0]
