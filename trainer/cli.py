@@ -47,6 +47,8 @@ _RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--claim-idle-ms", "claim_idle_ms", int, "claim entries pending this long"),
     ("--lock-ttl-ms", "lock_ttl_ms", int, "trainer lock lease"),
     ("--held-out-every", "held_out_every", int, "hold out one record in this many"),
+    ("--min-held-out", "min_held_out", int, "held-out records the gate needs to publish"),
+    ("--min-nll-std", "min_nll_std", float, "advantage normalisation floor (nats)"),
     ("--replay-size", "replay_size", int, "replay buffer size (records)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (0 = never)"),
     ("--offline-dump", "offline_dump", Path, "train from a dump file instead of the stream"),
