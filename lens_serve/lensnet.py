@@ -25,6 +25,11 @@ from lens_serve.tree import LifetimeTree
 
 CHECKPOINT_STEM = "lensnet"
 N_FEATURES = 7
+# The query the match feature looks for: the newest tokens, not the whole raw tail. In the loop
+# bench's needle records the asked fact's block had the highest match of all older blocks in 90%
+# of records with the newest 32 tokens, 84% with 64 and 57% with the 128-token tail (older tail
+# tokens are document words that match all over the lifetime).
+QUERY_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
         rows = np.append(rows, n - tiling.loose_start)
     ends = starts + size
     log_n = math.log1p(max(n, 1))
-    match = query_match(tree, starts, ends, tail)  # (U',)
+    match = query_match(tree, starts, ends)  # (U',)
     if tiling.loose_start < n:
         match[-1] = 1.0  # the trailing partial block is part of the query itself
     features = np.stack(
@@ -135,23 +140,23 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
             starts / max(n, 1),  # relative position in the lifetime
             (ends > n - tail).astype(np.float64),  # overlaps the raw tail (the query)
             np.log1p(n - starts) / log_n,  # age of the oldest covered token
-            match,  # IDF-weighted share of the query's (raw tail's) words in the span
+            match,  # IDF-weighted share of the query's (newest tokens') words in the span
         ],
         axis=1,
     )  # (U', F)
     return UnitInputs(content, torch.from_numpy(lods), torch.from_numpy(features).float())
 
 
-def query_match(tree: LifetimeTree, starts: np.ndarray, ends: np.ndarray, tail: int) -> np.ndarray:
-    """(U,) match of the spans [starts, ends) with the query, the newest `tail` tokens."""
+def query_match(tree: LifetimeTree, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """(U,) match of the spans [starts, ends) with the query, the newest QUERY_TOKENS tokens."""
     n = tree.lifetime
-    return tree.index.query_match(tree.tokens(max(n - tail, 0), n), starts, ends)
+    return tree.index.query_match(tree.tokens(max(n - QUERY_TOKENS, 0), n), starts, ends)
 
 
-def tiling_query_match(tree: LifetimeTree, tiling: Tiling, tail: int) -> np.ndarray:
+def tiling_query_match(tree: LifetimeTree, tiling: Tiling) -> np.ndarray:
     """(U,) query match of each unit of `tiling` (the partial block not included)."""
     spans = np.array([tiling.unit_span(u) for u in tiling.units], dtype=np.int64).reshape(-1, 2)
-    return query_match(tree, spans[:, 0], spans[:, 1], tail)
+    return query_match(tree, spans[:, 0], spans[:, 1])
 
 
 @torch.inference_mode()

@@ -179,7 +179,7 @@ class ShadowScorer:
         counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         rng = np.random.default_rng(seed)
         seen = {served.signature()}
-        guide = tiling_query_match(tree, base, tail)  # (U,) explore where the query points
+        guide = tiling_query_match(tree, base)  # (U,) explore where the query points
         for _ in range(self._config.random_variants):
             variant = sample_variant(
                 base,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lens_serve.block_index import BlockIndex
 from lens_serve.context import coarsest_tiling, fill_newest_first
-from lens_serve.lensnet import unit_inputs
+from lens_serve.lensnet import QUERY_TOKENS, unit_inputs
 from tests.core_helpers import make_tree
 
 B = 4
@@ -72,5 +72,6 @@ def test_lensnet_inputs_carry_the_match_of_each_unit() -> None:
     inputs = unit_inputs(tree, tiling, 2 * B)
     match = inputs.features[:, -1].numpy()
     spans = [tiling.unit_span(u) for u in tiling.units]
-    assert np.allclose(match[:-1], brute_match(tokens, tokens[-2 * B :], spans), atol=1e-6)
+    query = tokens[-QUERY_TOKENS:]  # the newest tokens, not the whole tail
+    assert np.allclose(match[:-1], brute_match(tokens, query, spans), atol=1e-6)
     assert match[-1] == 1.0  # the partial block is part of the query

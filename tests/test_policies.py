@@ -143,7 +143,7 @@ class QuerySeekingLensNet(LensNet):
 def test_a_fresh_lens_choice_refines_a_deep_span_down_to_raw_tokens() -> None:
     b, tail, budget = 4, 8, 48
     tree = make_tree(0, block_size=b, rows=1)
-    tokens = np.random.default_rng(0).integers(0, 8, 1024)  # common words: in most blocks
+    tokens = np.random.default_rng(0).integers(0, 2, 1024)  # common words: in most blocks
     needle = 500  # the only occurrence of token 500 besides the question at the tail
     tokens[6], tokens[-3] = needle, needle
     tree.append(tokens)
