@@ -64,23 +64,19 @@ class BlockIndex:
         Spans [starts, ends) are block-aligned units of complete blocks; a span past the indexed
         blocks (the trailing partial block) gets 0 here and is matched by the caller."""
         words = np.unique(query).tolist()
+        found = np.zeros(len(starts))
         if not words or self.blocks == 0:
-            return np.zeros(len(starts))
-        postings = [self.blocks_with(word) for word in words]
-        df = np.array([p.size for p in postings], dtype=np.float64)  # (Q,)
-        idf = np.log((self.blocks + 1) / (df + 1))  # (Q,) 0 for a word in every block
-        total = float(idf.sum())
-        if total <= 0:
-            return np.zeros(len(starts))
-        # One sorted array for all words: word k's block ids shifted by k * stride, so a span's
-        # blocks [first, stop) for word k are the keys [k * stride + first, k * stride + stop).
-        stride = self.blocks + 1
-        keys = np.concatenate([p + k * stride for k, p in enumerate(postings)])  # (sum df,)
-        shift = (np.arange(len(words)) * stride)[:, None]  # (Q, 1)
+            return found
         first = starts // self.block_size  # (U,) first block of each span
-        stop = np.minimum(-(-ends // self.block_size), self.blocks)  # (U,) one past its last
-        inside = np.searchsorted(keys, shift + stop[None]) > np.searchsorted(
-            keys, shift + first[None]
-        )  # (Q, U): some block of the span holds word k
-        found: np.ndarray = idf @ inside
-        return found / total
+        stop = -(-ends // self.block_size)  # (U,) one past its last block
+        total = 0.0
+        for word in words:
+            blocks = self.blocks_with(word)
+            idf = float(np.log((self.blocks + 1) / (blocks.size + 1)))  # 0: in every block
+            total += idf
+            if blocks.size == 0:
+                continue
+            at = np.searchsorted(blocks, first)  # (U,) first posting at or after each span
+            inside = (at < blocks.size) & (blocks[np.minimum(at, blocks.size - 1)] < stop)
+            found += idf * inside
+        return found / total if total > 0 else found
