@@ -262,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=MAX_POSITIONS, max_session_tokens=max_lifetime * 2,
         shadow_rate=1.0, shadow_target="prompt", shadow_variants=args.variants,
         shadow_max_lifetime=max_lifetime + 64, lens_poll_seconds=0.2,
-        kv_cache_gib=args.kv_cache_gib, max_batched_tokens=args.max_batched_tokens,
+        kv_cache_gib=args.kv_cache_gib,
     )  # fmt: skip
     # The engine starts before Redis does, so it is configured from settings without a URL yet.
     engine_settings = Settings(**settings_kw, redis_url="redis://unused")
@@ -410,10 +410,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--redis-records", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
-    parser.add_argument(
-        "--max-batched-tokens", type=int, default=1024,
-        help="rows per vLLM step (LENS_MAX_BATCHED_TOKENS; 0 = vLLM's default, 4096 on CPU)",
-    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/loop.json"))
     args = parser.parse_args()

@@ -78,11 +78,6 @@ class Settings(BaseSettings):
     0.40 s at 32; full prefills equally fast)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """GPU engines: share of GPU memory vLLM may take."""
-    max_batched_tokens: int = Field(0, ge=0)
-    """Most rows one vLLM step processes; longer prefills are chunked (0 = vLLM's default, 4096
-    on CPU). A user request waits for the running step: shadow scoring fills a step with a few
-    thousand rows, about 1.5 s on 2 CPU cores, so a smaller cap bounds that wait at some cost in
-    throughput. On a GPU such steps take milliseconds and the default is right."""
     enforce_eager: bool = False
     """Skip torch.compile / CUDA graphs (faster start, slower decode)."""
 
@@ -159,7 +154,6 @@ class Settings(BaseSettings):
             kv_block_size=self.engine_kv_block_size(),
             enforce_eager=self.enforce_eager,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_batched_tokens=self.max_batched_tokens or None,
         )
 
     @property

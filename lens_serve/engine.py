@@ -93,10 +93,6 @@ class EngineConfig:
     cache reuses whole blocks only, so a turn recomputes the rows after the last full block."""
     max_num_seqs: int = 16
     """Most requests decoded together in one step."""
-    max_num_batched_tokens: int | None = None
-    """Most rows one engine step processes (longer prefills are chunked); None keeps vLLM's
-    default (4096 on CPU). A request waits for the running step to end, so this bounds how long
-    a user request waits behind background scoring."""
     seed: int = 0
     """vLLM's global seed (per-request sampling seeds are in GenerationParams)."""
     gpu_memory_utilization: float | None = 0.85
@@ -116,8 +112,6 @@ class EngineConfig:
             raise ValueError("EngineConfig.kv_cache_gib: must be positive")
         if self.max_num_seqs < 1:
             raise ValueError("EngineConfig.max_num_seqs: must be at least 1")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError("EngineConfig.max_num_batched_tokens: must be positive")
         if self.kv_block_size is not None and self.kv_block_size < 1:
             raise ValueError("EngineConfig.kv_block_size: must be positive")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -506,7 +500,6 @@ class VllmEngine:
             block_size=c.kv_block_size,
             enforce_eager=c.enforce_eager,
             max_num_seqs=c.max_num_seqs,
-            max_num_batched_tokens=c.max_num_batched_tokens,
             seed=c.seed,
             kv_cache_memory_bytes=kv_bytes,  # set: vLLM ignores gpu_memory_utilization
             gpu_memory_utilization=c.gpu_memory_utilization or 0.9,

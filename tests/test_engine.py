@@ -130,7 +130,6 @@ def test_continuation_logprobs_rejects_misaligned_entries() -> None:
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"dtype": "int8"}, "dtype"),
         ({"kv_block_size": 0}, "kv_block_size"),
-        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs: dict[str, Any], field: str) -> None:
@@ -529,13 +528,7 @@ async def test_tokenizer_and_model_facts(vllm_engine: VllmEngine) -> None:
 @pytest.mark.integration
 async def test_bfloat16_engine_scores_and_generates(tiny_model_dir: Path) -> None:
     engine = await VllmEngine.create(
-        tiny_engine_config(
-            tiny_model_dir,
-            dtype="bfloat16",
-            kv_cache_gib=0.25,
-            max_num_seqs=4,
-            max_num_batched_tokens=128,  # the 300-row prompt is prefilled in chunks
-        )
+        tiny_engine_config(tiny_model_dir, dtype="bfloat16", kv_cache_gib=0.25, max_num_seqs=4)
     )
     try:
         assert engine.dtype == torch.bfloat16

@@ -235,16 +235,10 @@ def test_engine_config_follows_the_settings(tmp_path: Path) -> None:
     assert auto.kv_block_size == (None if torch.cuda.is_available() else 32)
     assert auto.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
     chosen = Settings.model_validate(
-        {
-            "redis_url": "redis://unused",
-            "kv_block_size": 128,
-            "dtype": "bfloat16",
-            "max_batched_tokens": 1024,
-        }
+        {"redis_url": "redis://unused", "kv_block_size": 128, "dtype": "bfloat16"}
     )
     config = chosen.engine_config(tmp_path)
     assert (config.kv_block_size, config.dtype) == (128, "bfloat16")
-    assert (auto.max_num_batched_tokens, config.max_num_batched_tokens) == (None, 1024)
 
 
 def test_serve_log_json_flag_configures_json_logs(
