@@ -42,7 +42,7 @@ class FocusConfig:
     """Edits per step when a working context is built from scratch (nothing cached to lose)."""
     fresh_rounds: int = 3
     """Scoring rounds of a fresh working context, each refining spans one level further (LOD 3
-    to raw tokens in three). A round is one more LensNet pass: about 8 ms at W = 2048 on 2 CPU
+    to raw tokens in three). A round is one more LensNet pass: about 4 ms at W = 2048 on 2 CPU
     cores."""
     cooldown_steps: int = 2
     """Steps during which a unit created by an edit cannot be undone."""
