@@ -138,7 +138,7 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
             rows / b,  # rows taken
             np.log1p(n - ends) / log_n,  # distance from the newest token
             starts / max(n, 1),  # relative position in the lifetime
-            (ends > n - tail).astype(np.float64),  # overlaps the raw tail (the query)
+            (ends > n - tail).astype(np.float64),  # overlaps the raw tail
             np.log1p(n - starts) / log_n,  # age of the oldest covered token
             match,  # IDF-weighted share of the query's (newest tokens') words in the span
         ],
