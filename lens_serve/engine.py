@@ -93,6 +93,14 @@ class EngineConfig:
     cache reuses whole blocks only, so a turn recomputes the rows after the last full block."""
     max_num_seqs: int = 16
     """Most requests decoded together in one step."""
+    max_num_batched_tokens: int | None = None
+    """Most rows one engine step processes (longer prefills are chunked); None keeps vLLM's
+    default. A request that arrives waits for the running step to end."""
+    long_prefill_tokens: int | None = None
+    """Most rows of one prefill in a step shared with other requests (vLLM's
+    long_prefill_token_threshold); None = no cap. vLLM gives running requests the step's rows
+    first, so without this cap a chunked background prefill takes every step until it is done
+    and a user request arriving meanwhile waits for all of it."""
     seed: int = 0
     """vLLM's global seed (per-request sampling seeds are in GenerationParams)."""
     gpu_memory_utilization: float | None = 0.85
@@ -112,6 +120,10 @@ class EngineConfig:
             raise ValueError("EngineConfig.kv_cache_gib: must be positive")
         if self.max_num_seqs < 1:
             raise ValueError("EngineConfig.max_num_seqs: must be at least 1")
+        for name in ("max_num_batched_tokens", "long_prefill_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"EngineConfig.{name}: must be positive")
         if self.kv_block_size is not None and self.kv_block_size < 1:
             raise ValueError("EngineConfig.kv_block_size: must be positive")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
@@ -500,6 +512,8 @@ class VllmEngine:
             block_size=c.kv_block_size,
             enforce_eager=c.enforce_eager,
             max_num_seqs=c.max_num_seqs,
+            max_num_batched_tokens=c.max_num_batched_tokens,
+            long_prefill_token_threshold=c.long_prefill_tokens or 0,
             seed=c.seed,
             kv_cache_memory_bytes=kv_bytes,  # set: vLLM ignores gpu_memory_utilization
             gpu_memory_utilization=c.gpu_memory_utilization or 0.9,

@@ -130,6 +130,8 @@ def test_continuation_logprobs_rejects_misaligned_entries() -> None:
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
         ({"dtype": "int8"}, "dtype"),
         ({"kv_block_size": 0}, "kv_block_size"),
+        ({"max_num_batched_tokens": 0}, "max_num_batched_tokens"),
+        ({"long_prefill_tokens": 0}, "long_prefill_tokens"),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs: dict[str, Any], field: str) -> None:
@@ -508,6 +510,8 @@ async def test_tokenizer_and_model_facts(vllm_engine: VllmEngine) -> None:
     assert vllm_engine.max_model_len == 2048
     assert vllm_engine.vocab_size == 4096
     assert vllm_engine.block_size == 32  # EngineConfig.kv_block_size reaches vLLM
+    scheduler = vllm_engine.async_llm.vllm_config.scheduler_config  # and the step limits
+    assert (scheduler.max_num_batched_tokens, scheduler.long_prefill_token_threshold) == (128, 64)
     ids = vllm_engine.encode("def f(x):\n    return x\n")
     assert vllm_engine.decode(ids) == "def f(x):\n    return x\n"
     chat = vllm_engine.apply_chat_template([{"role": "user", "content": "hi"}])

@@ -234,11 +234,15 @@ def test_engine_config_follows_the_settings(tmp_path: Path) -> None:
     assert auto.model == str(tmp_path)
     assert auto.kv_block_size == (None if torch.cuda.is_available() else 32)
     assert auto.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
+    cpu_steps = (None, None) if torch.cuda.is_available() else (128, 64)
+    assert (auto.max_num_batched_tokens, auto.long_prefill_tokens) == cpu_steps
     chosen = Settings.model_validate(
-        {"redis_url": "redis://unused", "kv_block_size": 128, "dtype": "bfloat16"}
-    )
+        {"redis_url": "redis://unused", "kv_block_size": 128, "dtype": "bfloat16",
+         "step_rows": 256, "shared_step_rows": 32}
+    )  # fmt: skip
     config = chosen.engine_config(tmp_path)
     assert (config.kv_block_size, config.dtype) == (128, "bfloat16")
+    assert (config.max_num_batched_tokens, config.long_prefill_tokens) == (256, 32)
 
 
 def test_serve_log_json_flag_configures_json_logs(
