@@ -8,12 +8,12 @@ holds the answer out (`shadow_target=prompt`) and logs the answer's NLL under th
 and baseline working contexts. Training traffic comes from training essays; every NLL reported
 here is on needles built from held-out essays.
 
-Reports: held-out preference agreement over trainer steps (from each published version's
-metrics; target >= 0.7); the answer's mean NLL under lens / recency / uniform / random / full before
-and after training (target: lens beats every baseline after training); publish -> first response
-on the new version, for the trainer's versions and for `--swaps` versions published while only
-probes run (target p50 <= 1 s) and failed requests (target 0); records/s appended to a
-local Redis (target >= 1000/s); trainer steps/s.
+Reports: held-out preference agreement over trainer steps, at every gate (target >= 0.7; on the
+decisive pairs, as the gate uses it, and on all pairs: `trainer.gate`); the answer's mean NLL under
+lens / recency / uniform / random / full before and after training (target: lens beats every
+baseline after training); publish -> first response on the new version, for the trainer's versions
+and for `--swaps` versions published while only probes run (target p50 <= 1 s) and failed requests
+(target 0); records/s appended to a local Redis (target >= 1000/s); trainer steps/s.
 
     python bench/loop.py [--traffic-seconds 300] [--out bench/out/loop.json]
 
@@ -328,8 +328,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     server_swaps = swap_latencies(swapped, switches)
     curve = [
         {"steps": g["steps"], "records": g["records"], "held_out": g["held_out"],
+         "decisive_agreement": g["new"]["decisive_agreement"],
+         "current_decisive_agreement": g["current"]["decisive_agreement"],
+         "decisive_pairs": g["new"]["decisive_pairs"], "pairs": g["new"]["pairs"],
          "agreement": g["new"]["agreement"], "current_agreement": g["current"]["agreement"],
-         "weighted_agreement": g["new"].get("weighted_agreement"),
+         "weighted_agreement": g["new"]["weighted_agreement"],
          "correlation": g["new"]["correlation"], "passed": g["passed"]}
         for g in gates
     ]  # fmt: skip
@@ -366,15 +369,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (curve, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    points = [p for p in result["agreement_curve"] if p["agreement"] is not None]
-    curve.plot(
-        [p["steps"] for p in points], [p["agreement"] for p in points], "o-", label="trained"
-    )
-    current = [p for p in points if p["current_agreement"] is not None]
-    curve.plot(
-        [p["steps"] for p in current], [p["current_agreement"] for p in current], "x--",
-        label="serving version",
-    )  # fmt: skip
+    points = result["agreement_curve"]
+    steps = [p["steps"] for p in points]
+    curve.plot(steps, [p["decisive_agreement"] for p in points], "o-", label="trained, decisive")
+    curve.plot(steps, [p["agreement"] for p in points], ".:", label="trained, all pairs")
+    curve.plot(steps, [p["current_decisive_agreement"] for p in points], "x--",
+               label="serving version, decisive")  # fmt: skip
     curve.axhline(0.7, color="red", ls=":", label="target 0.7")
     curve.set(xlabel="trainer steps", ylabel="held-out agreement", ylim=(0, 1))
     curve.set_title("held-out agreement at each gate")
@@ -416,10 +416,14 @@ def main() -> None:
     result = asyncio.run(run(args))
     before, after = result["answer_nll_before"], result["answer_nll_after"]
     curve = [
-        (p["steps"], round(p["agreement"], 3), round(p["weighted_agreement"] or 0.0, 3))
+        (p["steps"], round(p["decisive_agreement"], 3), p["decisive_pairs"],
+         round(p["agreement"], 3), p["pairs"], round(p["weighted_agreement"], 3))
         for p in result["agreement_curve"]
-    ]
-    print(f"held-out agreement at each gate (steps, agreement, weighted): {curve} (target >= 0.7)")
+    ]  # fmt: skip
+    print(
+        "held-out agreement at each gate (steps, decisive, decisive pairs, all pairs, pairs, "
+        f"weighted): {curve} (target >= 0.7)"
+    )
     print("answer NLL before: " + ", ".join(f"{p} {before[p]:.3f}" for p in POLICIES))
     print("answer NLL after:  " + ", ".join(f"{p} {after[p]:.3f}" for p in POLICIES))
     swap, server = result["swap_latency_s"], result["server_swap_s"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,10 +13,25 @@ from lens_serve.lensnet import LensNet, LensNetConfig
 from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
 from trainer.examples import Example, TargetConfig, example_from_record
-from trainer.gate import GateReport, decide, evaluate, is_held_out, pearson
+from trainer.gate import DECISIVE_GAP, GateReport, decide, evaluate, is_held_out, pearson
 from trainer.train import PreferenceTrainer, agrees, collate, scores
 
 HELD_OUT_EVERY = 4
+
+
+def report(decisive: float, agreement: float, records: int = 10) -> GateReport:
+    return GateReport(
+        decisive_agreement=decisive,
+        decisive_pairs=60,
+        agreement=agreement,
+        weighted_agreement=agreement,
+        correlation=0.5,
+        loss=0.1,
+        pairs=100,
+        edits=50,
+        records=records,
+        served_vs_recency=0.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +64,7 @@ def test_trained_lensnet_passes_the_gate_against_the_initial_one(
     _, held = split
     initial = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN, seed=0)), held, 1.0)
     new = evaluate(trained, held, 1.0)
+    assert new.decisive_agreement > 0.7 > initial.decisive_agreement
     assert new.agreement > 0.7 > initial.agreement
     assert new.weighted_agreement > 0.7 > initial.weighted_agreement
     assert new.correlation > 0
@@ -66,6 +83,7 @@ def test_gate_refuses_a_worse_model(
     current = evaluate(trained, held, 1.0)
     worse = evaluate(flipped, held, 1.0)
     assert worse.correlation < 0
+    assert worse.decisive_agreement < current.decisive_agreement
     assert worse.agreement < current.agreement
     assert worse.weighted_agreement < current.weighted_agreement
     decision = decide(worse, current)
@@ -73,23 +91,24 @@ def test_gate_refuses_a_worse_model(
     assert "correlation" in decision.reason
 
 
-def test_gate_refuses_lower_agreement_even_when_the_sign_is_right() -> None:
-    current = GateReport(0.9, 0.9, 0.5, 0.1, 100, 50, 10, 0.0)
-    new = GateReport(0.8, 0.8, 0.6, 0.1, 100, 50, 10, 0.0)
+def test_gate_refuses_lower_decisive_agreement_even_when_the_sign_is_right() -> None:
+    current = report(decisive=0.9, agreement=0.6)
+    new = report(decisive=0.8, agreement=0.9)  # better on near-ties does not count
     decision = decide(new, current)
     assert not decision.passed
-    assert "agreement" in decision.reason
+    assert "decisive agreement" in decision.reason
     assert decide(current, current).passed  # equal agreement is not worse
+    assert decide(current, new).passed
 
 
 def test_gate_refuses_when_there_are_no_held_out_pairs() -> None:
     empty = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN)), [], 1.0)
-    assert empty.pairs == 0
+    assert empty.pairs == empty.decisive_pairs == 0
     assert not decide(empty, empty).passed
 
 
 def test_gate_refuses_too_few_held_out_records() -> None:
-    good = GateReport(0.9, 0.9, 0.5, 0.1, 100, 50, 3, 0.0)  # 3 records
+    good = report(decisive=0.9, agreement=0.9, records=3)
     assert decide(good, good).passed
     decision = decide(good, good, min_records=4)
     assert not decision.passed
@@ -110,16 +129,28 @@ def test_pearson_is_zero_when_undefined() -> None:
     assert pearson([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == pytest.approx(-1.0)
 
 
-def test_weighted_agreement_counts_each_pair_by_its_strength(
+def test_agreements_count_pairs_by_strength_and_by_gap(
     split: tuple[list[Example], list[Example]], trained: LensNet
 ) -> None:
     _, held = split
-    report = evaluate(trained, held, 1.0)
+    # Every other pair made a near-tie: the synthetic records' pairs are all decisive.
+    held = [
+        dataclasses.replace(ex, pairs=[
+            dataclasses.replace(p, gap=p.gap if i % 2 else DECISIVE_GAP / 2)
+            for i, p in enumerate(ex.pairs)
+        ])
+        for ex in held
+    ]  # fmt: skip
+    got = evaluate(trained, held, 1.0)
     batch = collate(held, all_variants=True)
     strength = batch.targets.abs().sum(dim=1).numpy()  # (P,)
     assert strength.min() < 0.5 * strength.max()  # pairs differ in strength: weighting matters
     with torch.no_grad():
         agreed = agrees(scores(trained, batch), batch).numpy()  # (P,)
     expected = float((agreed * strength).sum() / strength.sum())
-    assert report.weighted_agreement == pytest.approx(expected, rel=1e-5)
-    assert report.agreement == pytest.approx(float(agreed.mean()), rel=1e-5)
+    assert got.weighted_agreement == pytest.approx(expected, rel=1e-5)
+    assert got.agreement == pytest.approx(float(agreed.mean()), rel=1e-5)
+    decisive = batch.gaps.numpy() >= DECISIVE_GAP  # (P,)
+    assert 0 < decisive.sum() < len(decisive)  # near-ties and decisive pairs: the filter matters
+    assert got.decisive_pairs == int(decisive.sum())
+    assert got.decisive_agreement == pytest.approx(float(agreed[decisive].mean()), rel=1e-5)

@@ -2,9 +2,11 @@
 
 Two measurements on the held-out slice (every k-th record by a hash of its stream id, so the split
 is the same on every trainer and every restart):
-- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way
-  (and, reported beside it, weighted by each pair's strength: most needle records' variants differ
-  by hundredths of a nat, a few by nats; the weighted share says how much of the NLL at stake
+- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way.
+  The gate uses the *decisive* pairs, those whose NLLs differ by at least `DECISIVE_GAP`: most
+  needle records' variants differ by hundredths of a nat, from edits far from anything the target
+  depends on, and such near-ties are coin flips no feature predicts. Reported beside it: the
+  agreement over all pairs, and weighted by each pair's strength (the share of the NLL at stake
   LensNet orders right);
 - correlation: across variants, Pearson correlation between LensNet's verdict on the variant's
   edits of the served WC (mean score of the served units the variant shows finer minus mean score
@@ -14,7 +16,7 @@ is the same on every trainer and every restart):
   check that would have caught it. It is a polarity check, not a quality measure (that is
   agreement): a constant score can pass it.
 A new version passes if there are at least `min_held_out` held-out records,
-agreement(new) >= agreement(current) and correlation(new) > 0."""
+decisive agreement(new) >= decisive agreement(current) and correlation(new) > 0."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ from trainer.train import agrees, collate, preference_loss, scores
 
 # Examples per LensNet forward: bounds the padded (V, U, D) batch's memory.
 _EVAL_CHUNK = 32
+DECISIVE_GAP = 0.05
+"""nats: a pair whose mean NLLs differ by less is a near-tie (see the module docstring)."""
 
 
 def is_held_out(entry_id: str, every: int) -> bool:
@@ -42,7 +46,9 @@ def is_held_out(entry_id: str, every: int) -> bool:
 
 @dataclass(frozen=True)
 class GateReport:
-    agreement: float
+    decisive_agreement: float  # over pairs whose NLL gap is >= DECISIVE_GAP; what the gate uses
+    decisive_pairs: int
+    agreement: float  # over all pairs
     weighted_agreement: float  # pairs weighted by strength: the share of the NLL at stake
     correlation: float
     loss: float
@@ -66,8 +72,8 @@ class GateDecision:
 @torch.inference_mode()
 def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> GateReport:
     net.eval()
-    agree_sum = loss_sum = weighted_sum = strength_sum = 0.0
-    pairs = 0
+    agree_sum = loss_sum = weighted_sum = strength_sum = decisive_sum = 0.0
+    pairs = decisive_pairs = 0
     verdicts: list[float] = []
     gains: list[float] = []
     for start in range(0, len(examples), _EVAL_CHUNK):
@@ -79,7 +85,11 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
         if batch.pairs:
             loss, agreement = preference_loss(s, batch, temperature)
             strength = batch.targets.abs().sum(dim=1)  # (P,) the pair's normalised NLL gap, x2
-            weighted_sum += float((agrees(s, batch) * strength).sum())
+            agreed = agrees(s, batch)  # (P,)
+            weighted_sum += float((agreed * strength).sum())
+            decisive = batch.gaps >= DECISIVE_GAP  # (P,)
+            decisive_sum += float(agreed[decisive].sum())
+            decisive_pairs += int(decisive.sum())
             strength_sum += float(strength.sum())
             agree_sum += float(agreement) * batch.pairs
             loss_sum += float(loss) * batch.pairs
@@ -103,6 +113,8 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
         if "recency" in ex.baselines
     ]
     return GateReport(
+        decisive_agreement=decisive_sum / decisive_pairs if decisive_pairs else 0.0,
+        decisive_pairs=decisive_pairs,
         agreement=agree_sum / pairs if pairs else 0.0,
         weighted_agreement=weighted_sum / strength_sum if strength_sum else 0.0,
         correlation=pearson(verdicts, gains),
@@ -125,8 +137,8 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDecision:
-    if new.pairs == 0:
-        return GateDecision(False, "no held-out preference pairs yet", new, current)
+    if new.decisive_pairs == 0:
+        return GateDecision(False, "no decisive held-out preference pairs yet", new, current)
     if new.records < min_records:
         return GateDecision(
             False, f"{new.records} held-out records, the gate needs {min_records}", new, current
@@ -138,10 +150,11 @@ def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDe
             new,
             current,
         )
-    if new.agreement < current.agreement:
+    if new.decisive_agreement < current.decisive_agreement:
         return GateDecision(
             False,
-            f"held-out agreement {new.agreement:.3f} < current {current.agreement:.3f}",
+            f"held-out decisive agreement {new.decisive_agreement:.3f} < current "
+            f"{current.decisive_agreement:.3f}",
             new,
             current,
         )

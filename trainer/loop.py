@@ -389,11 +389,14 @@ class Trainer:
             return
         recent = self._losses[-self.settings.steps_per_version :]
         metrics: dict[str, Any] = {
+            "decisive_agreement": decision.new.decisive_agreement,
+            "decisive_pairs": decision.new.decisive_pairs,
             "agreement": decision.new.agreement,
             "correlation": decision.new.correlation,
             "loss": float(np.mean(recent)) if recent else None,
             "held_out_loss": decision.new.loss,
             "held_out_pairs": decision.new.pairs,
+            "current_decisive_agreement": decision.current.decisive_agreement,
             "current_agreement": decision.current.agreement,
             "steps": self.steps,
             "records": len(self.buffer),
@@ -408,11 +411,12 @@ class Trainer:
         self.current_version = version
         self.result.published.append(version)
         logger.info(
-            "published %s at step %d: held-out agreement %.3f (was %.3f), correlation %.3f",
+            "published %s at step %d: held-out decisive agreement %.3f (was %.3f), "
+            "correlation %.3f",
             version,
             self.steps,
-            decision.new.agreement,
-            decision.current.agreement,
+            decision.new.decisive_agreement,
+            decision.current.decisive_agreement,
             decision.new.correlation,
         )
         self._out.write(f"published {version}\n")

@@ -29,6 +29,7 @@ class Batch:
     valid: torch.Tensor  # (V, U) bool: real units
     pair_variant: torch.Tensor  # (P,) int64: row in V of each pair's scored variant
     targets: torch.Tensor  # (P, U) float32: signed targets, 0 = no target / padding
+    gaps: torch.Tensor  # (P,) float32: each pair's NLL gap, nats
     variant_index: list[tuple[int, int]]  # (example, variant) of each row in V
 
     @property
@@ -62,8 +63,10 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
         valid[row, :u] = True
     pair_rows: list[int] = []
     targets = []
+    gaps = []
     for e, ex in enumerate(examples):
         for pair in ex.pairs:
+            gaps.append(pair.gap)
             padded = np.zeros(width, dtype=np.float32)  # (U,)
             padded[: len(pair.targets)] = pair.targets
             targets.append(padded)
@@ -75,6 +78,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
         valid=valid,
         pair_variant=torch.tensor(pair_rows, dtype=torch.long),
         targets=torch.from_numpy(np.stack(targets)) if targets else torch.zeros(0, width),
+        gaps=torch.tensor(gaps, dtype=torch.float32),
         variant_index=index,
     )
 
