@@ -10,8 +10,11 @@ A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The ol
 `dropped` (the recent tokens only), `raw` (the upper bound), or gists of its 32 blocks: `8x` (LOD1,
 4 rows per block: 128 rows), `32x` (LOD1, 1 row: 32 rows), `lod2` (one LOD2 gist of 4 rows). Gist
 kinds at a compression use equal rows; `recency` spends those same rows on more raw recent tokens
-instead (the fair "drop" at equal WC rows). The needle test puts a fact at the start of the old
-text and asks for it after the recent text; the answer's NLL is reported per condition.
+instead (the fair "drop" at equal WC rows), and `excerpt@k` on the old text's raw tokens from
+offset k: what a gist with as many rows could tell the model if its rows were the text itself.
+The needle test puts a fact at the start of the old text and asks for it after the recent text;
+the answer's NLL is reported per condition. Windows differ far more than conditions do, so each
+condition is also reported as its paired per-window difference from `dropped`.
 
 Trained gists come from `lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
 Writes bench/out/gists.json and bench/out/gists.png; lower NLL is better."""
@@ -37,6 +40,7 @@ from lens_serve.tree import LifetimeTree
 OLD, RECENT, TARGET = 1024, 64, 64
 # compression -> (gist rows per block, tree level shown)
 COMPRESSIONS = {"8x": (4, 1), "32x": (1, 1), "lod2": (4, 2)}
+EXCERPT_OFFSETS = (0, 256, 512, 768)
 NEEDLE = "Remember this: the secret code word is {word}. "
 QUESTION = " Question: what is the secret code word? Answer: the secret code word is"
 WORDS = ("pelican", "sapphire", "lantern", "quartz", "meadow", "trombone", "glacier", "saffron")
@@ -63,6 +67,10 @@ def contexts(
             out[f"{name}/{kind}"] = torch.cat([gist_rows(net, table, old, level), recent_rows])
         n = out[f"{name}/tokens"].shape[0]
         out[f"{name}/recency"] = table(torch.tensor((old + recent)[-n:]))
+        if level == 1:
+            for offset in EXCERPT_OFFSETS:
+                excerpt = table(torch.tensor(old[offset : offset + n - RECENT]))
+                out[f"{name}/excerpt@{offset}"] = torch.cat([excerpt, recent_rows])
     return out
 
 
@@ -115,9 +123,13 @@ def main() -> None:
     needles = needle_test(model, model_dir, table, nets, ids, args.needles)
     summary = {k: statistics.mean(v) for k, v in runs.items()}
     needle_summary = {k: statistics.mean(v) for k, v in needles.items()}
+    paired = {k: vs_dropped(v, runs["dropped"]) for k, v in runs.items()}
     for name in runs:
+        d = paired[name]
         print(
-            f"{name:18s} next-{TARGET} NLL {summary[name]:.3f}  needle {needle_summary[name]:.3f}"
+            f"{name:18s} next-{TARGET} NLL {summary[name]:.3f}  vs dropped {d['mean']:+.3f} "
+            f"(se {d['se']:.3f}, worse in {d['worse']}/{len(runs[name])})  "
+            f"needle {needle_summary[name]:.3f}"
         )
     report = {
         "config": {"old": OLD, "recent": RECENT, "target": TARGET, "windows": args.windows,
@@ -125,6 +137,7 @@ def main() -> None:
                    "versions": {f"{c}/{k}": n.version for c, d in nets.items()
                                 for k, n in d.items()}},
         "nll": summary,
+        "vs_dropped": paired,
         "needle_nll": needle_summary,
         "runs": runs,
         "needle_runs": needles,
@@ -133,6 +146,14 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2))
     plot(summary, needle_summary, args.out.with_suffix(".png"))
     print(f"wrote {args.out}")
+
+
+def vs_dropped(nll: list[float], dropped: list[float]) -> dict[str, float]:
+    """Paired per-window difference from `dropped` (< 0: better): windows differ far more from
+    each other than conditions do, so only paired differences say which condition wins."""
+    diffs = [a - b for a, b in zip(nll, dropped, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.mean(diffs), "se": se, "worse": sum(d > 0 for d in diffs)}
 
 
 def needle_test(
