@@ -169,12 +169,13 @@ def needle_test(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out: dict[str, list[float]] = {}
+    spacing = (len(ids) - OLD - RECENT) // count  # haystacks spread over the held-out text
     for i in range(count):
         word = WORDS[i % len(WORDS)]
         fact: list[int] = tokenizer(NEEDLE.format(word=word))["input_ids"]
         question: list[int] = tokenizer(QUESTION)["input_ids"]
         answer = torch.tensor(tokenizer(" " + word)["input_ids"])
-        hay = ids[i * 3000 + 7 : i * 3000 + 7 + OLD + RECENT]
+        hay = ids[i * spacing : i * spacing + OLD + RECENT]
         old = (fact + hay)[:OLD]
         recent = hay[-(RECENT - len(question)) :] + question
         for name, rows in contexts(nets, table, old, recent).items():
