@@ -85,8 +85,8 @@ class Settings(BaseSettings):
     """Most rows of one prefill in a step other requests share. 0 = auto: 64 on a CPU, no cap on
     a GPU. vLLM gives running requests a step's rows first, so without this a user request waits
     for a whole shadow prefill. 2 CPU cores, SmolLM2-135M, 640-row shadow variants back to back
-    (bench/priority.py): a one-token request took p50 2.37 s with vLLM's steps, 0.46 s with
-    128/64, and shadow throughput stayed 0.33 variants/s."""
+    (bench/priority.py, one run): a one-token request took p50 2.40 s with vLLM's steps, 0.47 s
+    with 128/64, and shadow throughput went from 0.34 to 0.33 variants/s."""
     enforce_eager: bool = False
     """Skip torch.compile / CUDA graphs (faster start, slower decode)."""
 
