@@ -79,14 +79,15 @@ class Settings(BaseSettings):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """GPU engines: share of GPU memory vLLM may take."""
     step_rows: int = Field(0, ge=0)
-    """Most rows one engine step processes; longer prefills are chunked. 0 = auto: 128 on a CPU,
-    vLLM's default on a GPU (where a step takes milliseconds)."""
+    """Most rows one engine step processes; longer prefills are chunked. 0 = vLLM's default."""
     shared_step_rows: int = Field(0, ge=0)
-    """Most rows of one prefill in a step other requests share. 0 = auto: 64 on a CPU, no cap on
-    a GPU. vLLM gives running requests a step's rows first, so without this a user request waits
-    for a whole shadow prefill. 2 CPU cores, SmolLM2-135M, 640-row shadow variants back to back
-    (bench/priority.py, one run): a one-token request took p50 2.40 s with vLLM's steps, 0.47 s
-    with 128/64, and shadow throughput went from 0.34 to 0.33 variants/s."""
+    """Most rows of one prefill in a step other requests share; 0 = no cap. vLLM gives running
+    requests a step's rows first, so without this a user request waits for a whole shadow
+    prefill. 2 CPU cores, SmolLM2-135M, 640-row shadow variants back to back (bench/priority.py,
+    one run): a one-token request took p50 2.40 s with vLLM's steps, 0.47 s with 128/64, and
+    shadow throughput went from 0.34 to 0.33 variants/s. Not on by default: vLLM 0.32's CPU
+    engine dies when the prefill of a request with a sampling seed is chunked (its CPU random
+    generator cannot rewind), and small steps chunk most prefills."""
     enforce_eager: bool = False
     """Skip torch.compile / CUDA graphs (faster start, slower decode)."""
 
@@ -163,8 +164,8 @@ class Settings(BaseSettings):
             kv_block_size=self.engine_kv_block_size(),
             enforce_eager=self.enforce_eager,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            max_num_batched_tokens=self.step_rows or (None if _on_gpu() else 128),
-            long_prefill_tokens=self.shared_step_rows or (None if _on_gpu() else 64),
+            max_num_batched_tokens=self.step_rows or None,
+            long_prefill_tokens=self.shared_step_rows or None,
         )
 
     @property

@@ -42,9 +42,7 @@ def tiny_engine_config(model_dir: Path, **overrides: Any) -> EngineConfig:
         kv_cache_gib=1.0,
         enforce_eager=True,
         max_num_seqs=16,
-        kv_block_size=32,  # the server's CPU defaults (Settings.kv_block_size, step_rows, ...)
-        max_num_batched_tokens=128,
-        long_prefill_tokens=64,
+        kv_block_size=32,  # the server's CPU default (Settings.kv_block_size)
     )
     return dataclasses.replace(base, **overrides)
 

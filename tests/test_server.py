@@ -234,8 +234,7 @@ def test_engine_config_follows_the_settings(tmp_path: Path) -> None:
     assert auto.model == str(tmp_path)
     assert auto.kv_block_size == (None if torch.cuda.is_available() else 32)
     assert auto.dtype == ("bfloat16" if torch.cuda.is_available() else "float32")
-    cpu_steps = (None, None) if torch.cuda.is_available() else (128, 64)
-    assert (auto.max_num_batched_tokens, auto.long_prefill_tokens) == cpu_steps
+    assert (auto.max_num_batched_tokens, auto.long_prefill_tokens) == (None, None)
     chosen = Settings.model_validate(
         {"redis_url": "redis://unused", "kv_block_size": 128, "dtype": "bfloat16",
          "step_rows": 256, "shared_step_rows": 32}
