@@ -83,7 +83,7 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
             continue
         s = scores(net, batch)  # (V, U)
         if batch.pairs:
-            loss, agreement = preference_loss(s, batch, temperature)
+            loss, _ = preference_loss(s, batch, temperature)
             strength = batch.targets.abs().sum(dim=1)  # (P,) the pair's normalised NLL gap, x2
             agreed = agrees(s, batch)  # (P,)
             weighted_sum += float((agreed * strength).sum())
@@ -91,7 +91,7 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
             decisive_sum += float(agreed[decisive].sum())
             decisive_pairs += int(decisive.sum())
             strength_sum += float(strength.sum())
-            agree_sum += float(agreement) * batch.pairs
+            agree_sum += float(agreed.sum())
             loss_sum += float(loss) * batch.pairs
             pairs += batch.pairs
         row = {key: r for r, key in enumerate(batch.variant_index)}
