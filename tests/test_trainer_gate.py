@@ -13,7 +13,15 @@ from lens_serve.lensnet import LensNet, LensNetConfig
 from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
 from trainer.examples import Example, TargetConfig, example_from_record
-from trainer.gate import DECISIVE_GAP, GateReport, decide, evaluate, is_held_out, pearson
+from trainer.gate import (
+    DECISIVE_GAP,
+    GateReport,
+    decide,
+    evaluate,
+    is_held_out,
+    mean_within_record_correlation,
+    pearson,
+)
 from trainer.train import PreferenceTrainer, agrees, collate, scores
 
 HELD_OUT_EVERY = 4
@@ -127,6 +135,24 @@ def test_pearson_is_zero_when_undefined() -> None:
     assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
     assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.0]) == pytest.approx(1.0)
     assert pearson([1.0, 2.0, 3.0], [6.0, 4.0, 2.0]) == pytest.approx(-1.0)
+
+
+def test_correlation_gives_each_record_one_vote() -> None:
+    # Fifteen records whose small gains LensNet orders right, and one whose lucky variant gained
+    # 2 nats (it uncovered the needle) while LensNet preferred another: the loop bench's case.
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(15):
+        gain = rng.uniform(0.0, 0.05, size=5)  # (E,)
+        records.append((gain * 40 + rng.normal(0, 0.3, size=5), gain))
+    records.append((np.array([5.3, 3.9, 5.2]), np.array([0.07, 1.97, 0.23])))
+    pooled = pearson(
+        [x for v, _ in records for x in (v - v.mean())],
+        [x for _, g in records for x in (g - g.mean())],
+    )
+    assert pooled < 0  # the one big record decides a pooled correlation
+    assert mean_within_record_correlation(records) > 0.5
+    assert mean_within_record_correlation([]) == 0.0
 
 
 def test_agreements_count_pairs_by_strength_and_by_gap(

@@ -8,13 +8,15 @@ is the same on every trainer and every restart):
   depends on, and such near-ties are coin flips no feature predicts. Reported beside it: the
   agreement over all pairs, and weighted by each pair's strength (the share of the NLL at stake
   LensNet orders right);
-- correlation: across variants, Pearson correlation between LensNet's verdict on the variant's
-  edits of the served WC (mean score of the served units the variant shows finer minus mean score
-  of those it shows coarser) and the NLL the edits gained, both
-  centred per record (the within-record correlation). It must be positive: higher scores where
-  expanding helped. MegaContext's scores ended up anti-correlated with the loss gap; this is the
-  check that would have caught it. It is a polarity check, not a quality measure (that is
-  agreement): a constant score can pass it.
+- correlation: within each record, the Pearson correlation across its variants between LensNet's
+  verdict on the variant's edits of the served WC (mean score of the served units the variant
+  shows finer minus mean score of those it shows coarser) and the NLL the edits gained; then the
+  mean over records. It must be positive: higher scores where expanding helped. MegaContext's
+  scores ended up anti-correlated with the loss gap; this is the check that would have caught it.
+  It is a polarity check, not a quality measure (that is agreement). Each record gets one vote:
+  pooled over records, one needle record whose lucky variant gained 2 nats outweighed fifteen
+  whose gains were hundredths, and loop run 4's gate refused 61 of 62 versions whose decisive
+  agreement was 0.61-0.89 (the mean per record was positive on the same records).
 A new version passes if there are at least `min_held_out` held-out records,
 decisive agreement(new) >= decisive agreement(current) and correlation(new) > 0."""
 
@@ -50,7 +52,7 @@ class GateReport:
     decisive_pairs: int
     agreement: float  # over all pairs
     weighted_agreement: float  # pairs weighted by strength: the share of the NLL at stake
-    correlation: float
+    correlation: float  # mean over records of the within-record score/NLL-gain correlation
     loss: float
     pairs: int
     edits: int
@@ -74,8 +76,7 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
     net.eval()
     agree_sum = loss_sum = weighted_sum = strength_sum = decisive_sum = 0.0
     pairs = decisive_pairs = 0
-    verdicts: list[float] = []
-    gains: list[float] = []
+    per_record: list[tuple[np.ndarray, np.ndarray]] = []  # (verdicts, gains) of each record
     for start in range(0, len(examples), _EVAL_CHUNK):
         chunk = examples[start : start + _EVAL_CHUNK]
         batch = collate(chunk, all_variants=True)
@@ -103,10 +104,7 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
             # mean score of what it collapses, as the allocator weighs an expand against a collapse.
             verdict = np.array([ref[: len(edit.weights)] @ edit.weights for edit in ex.edits])
             gain = np.array([edit.gain for edit in ex.edits])  # (E,)
-            # Centred per record: records differ in length, content and NLL level, and only the
-            # ranking of one record's variants says whether LensNet orders edits by their gain.
-            verdicts.extend((verdict - verdict.mean()).tolist())
-            gains.extend((gain - gain.mean()).tolist())
+            per_record.append((verdict, gain))
     gaps = [
         ex.baselines["recency"] - ex.variants[ex.reference].nll
         for ex in examples
@@ -117,13 +115,20 @@ def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> G
         decisive_pairs=decisive_pairs,
         agreement=agree_sum / pairs if pairs else 0.0,
         weighted_agreement=weighted_sum / strength_sum if strength_sum else 0.0,
-        correlation=pearson(verdicts, gains),
+        correlation=mean_within_record_correlation(per_record),
         loss=loss_sum / pairs if pairs else math.nan,
         pairs=pairs,
-        edits=len(verdicts),
+        edits=sum(len(gain) for _, gain in per_record),
         records=len(examples),
         served_vs_recency=float(np.mean(gaps)) if gaps else math.nan,
     )
+
+
+def mean_within_record_correlation(records: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean over records of pearson(verdicts, gains): one vote per record, whatever its scale."""
+    if not records:
+        return 0.0
+    return float(np.mean([pearson(verdict.tolist(), gain.tolist()) for verdict, gain in records]))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
