@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+import trainer.loop as trainer_loop
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.preferences import PREFS_GROUP, PREFS_STREAM, PreferenceLog
 from lens_serve.v1 import lens_serve_pb2 as pb
@@ -20,6 +21,7 @@ from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
 from trainer.config import TrainerSettings
 from trainer.data import REJECTED_KEY, REPLAY_KEY, PreferenceConsumer
+from trainer.gate import GateDecision, GateReport
 from trainer.lock import LOCK_KEY, LockLost, TrainerLock
 from trainer.loop import Trainer
 
@@ -275,3 +277,34 @@ async def test_trainer_follows_a_version_pinned_by_an_operator(
     assert trainer.current_version in (initial, *trainer.result.published)
     for v in trainer.result.published:
         assert (await fetch(redis_client, v)).parent in (initial, *trainer.result.published)
+
+
+@pytest.mark.parametrize("judged", [True, False])
+async def test_training_restarts_from_the_current_version_after_refusals_in_a_row(
+    redis_client: Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch, judged: bool
+) -> None:
+    await _fill(redis_client)
+    first, _ = _trainer(redis_client, redis_url, max_steps=20)
+    await first.run()
+    (current,) = first.result.published
+
+    def refuse(new: GateReport, old: GateReport, min_records: int = 1) -> GateDecision:
+        return GateDecision(False, "refused by the test", new, old, judged=judged)
+
+    monkeypatch.setattr(trainer_loop, "decide", refuse)
+    trainer, out = _trainer(redis_client, redis_url, max_steps=60, restart_after_refusals=2)
+    await trainer.run()
+
+    reports = [json.loads(line.removeprefix("report ")) for line in out.getvalue().splitlines()]
+    assert [r["passed"] for r in reports] == [False] * 3
+    assert not trainer.result.published
+    assert await current_version(redis_client) == current == trainer.current_version
+    if judged:
+        # Gates at 20 and 40 refused: at 40 training went back to the current weights (20
+        # lineage steps), and the last 20 steps trained from there.
+        assert [r["steps"] for r in reports] == [40, 60, 40]
+        assert trainer.steps == 40
+    else:
+        # Refusals for want of held-out data say nothing about the weights: no restart.
+        assert [r["steps"] for r in reports] == [40, 60, 80]
+        assert trainer.steps == 80

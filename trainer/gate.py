@@ -69,6 +69,8 @@ class GateDecision:
     reason: str
     new: GateReport
     current: GateReport
+    judged: bool = True
+    """False when the held-out slice was still too small to judge the new weights' quality."""
 
 
 @torch.inference_mode()
@@ -143,10 +145,16 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDecision:
     if new.decisive_pairs == 0:
-        return GateDecision(False, "no decisive held-out preference pairs yet", new, current)
+        return GateDecision(
+            False, "no decisive held-out preference pairs yet", new, current, judged=False
+        )
     if new.records < min_records:
         return GateDecision(
-            False, f"{new.records} held-out records, the gate needs {min_records}", new, current
+            False,
+            f"{new.records} held-out records, the gate needs {min_records}",
+            new,
+            current,
+            judged=False,
         )
     if new.correlation <= 0:
         return GateDecision(

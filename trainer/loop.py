@@ -132,7 +132,9 @@ class Trainer:
         self.net = LensNet(self._lens_config)
         self.current_net = copy.deepcopy(self.net)
         self.current_version = ""  # "" = nothing published: the initial LensNet
-        self._lineage_steps = 0  # steps behind the current weights, across restarts
+        self._lineage_steps = 0  # steps behind the trained weights, across restarts
+        self._current_steps = 0  # steps behind the current version's weights
+        self._refusals = 0  # gates in a row that judged the trained weights and refused them
         self._unloadable: set[str] = set()  # published versions this trainer cannot load
         self._trainer = self._new_optimizer()
         self.result = RunResult()
@@ -264,7 +266,8 @@ class Trainer:
         self.net = net
         self.current_net = copy.deepcopy(net)
         self.current_version = version
-        self._lineage_steps = steps
+        self._lineage_steps = self._current_steps = steps
+        self._refusals = 0
         self._trainer = self._new_optimizer()
 
     async def _reload_replay(self) -> None:
@@ -372,6 +375,17 @@ class Trainer:
         decision = await self._gate_reported()
         if not decision.passed:
             logger.info("gate refused at step %d: %s", self.steps, decision.reason)
+            self._refusals += decision.judged
+            limit = self.settings.restart_after_refusals
+            if limit and self._refusals >= limit:
+                logger.info(
+                    "%d refusals in a row: training restarts from %s",
+                    self._refusals,
+                    self.current_version or "the seeded initial LensNet",
+                )
+                self._adopt(
+                    copy.deepcopy(self.current_net), self.current_version, self._current_steps
+                )
             return
         if self._redis is not None:
             await self._publish(decision)
@@ -409,6 +423,8 @@ class Trainer:
         await self.lock.set_current(version)
         self.current_net = copy.deepcopy(self.net)
         self.current_version = version
+        self._current_steps = self.steps
+        self._refusals = 0
         self.result.published.append(version)
         logger.info(
             "published %s at step %d: held-out decisive agreement %.3f (was %.3f), "
