@@ -48,6 +48,12 @@ _RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--lock-ttl-ms", "lock_ttl_ms", int, "trainer lock lease"),
     ("--held-out-every", "held_out_every", int, "hold out one record in this many"),
     ("--min-held-out", "min_held_out", int, "held-out records the gate needs to publish"),
+    (
+        "--restart-after-refusals",
+        "restart_after_refusals",
+        int,
+        "restart from the current version after N refused gates in a row (0 = never)",
+    ),
     ("--min-nll-std", "min_nll_std", float, "advantage normalisation floor (nats)"),
     ("--replay-size", "replay_size", int, "replay buffer size (records)"),
     ("--max-steps", "max_steps", int, "stop after this many steps (0 = never)"),
