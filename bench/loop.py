@@ -327,7 +327,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     idle = swap_latencies(swapped, traffic.probes)
     server_swaps = swap_latencies(swapped, switches)
     curve = [
-        {"steps": g["steps"], "records": g["records"], "held_out": g["held_out"],
+        {"steps": g["steps"], "run_steps": g["run_steps"], "records": g["records"],
+         "held_out": g["held_out"],
          "decisive_agreement": g["new"]["decisive_agreement"],
          "current_decisive_agreement": g["current"]["decisive_agreement"],
          "decisive_pairs": g["new"]["decisive_pairs"], "pairs": g["new"]["pairs"],
@@ -370,13 +371,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, (curve, bars) = plt.subplots(1, 2, figsize=(11, 4))
     points = result["agreement_curve"]
-    steps = [p["steps"] for p in points]
+    steps = [p["run_steps"] for p in points]  # lineage steps go back at a restart
     curve.plot(steps, [p["decisive_agreement"] for p in points], "o-", label="trained, decisive")
     curve.plot(steps, [p["agreement"] for p in points], ".:", label="trained, all pairs")
     curve.plot(steps, [p["current_decisive_agreement"] for p in points], "x--",
                label="serving version, decisive")  # fmt: skip
     curve.axhline(0.7, color="red", ls=":", label="target 0.7")
-    curve.set(xlabel="trainer steps", ylabel="held-out agreement", ylim=(0, 1))
+    curve.set(xlabel="trainer steps (this run)", ylabel="held-out agreement", ylim=(0, 1))
     curve.set_title("held-out agreement at each gate")
     curve.legend()
     x = np.arange(len(POLICIES))

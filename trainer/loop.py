@@ -132,7 +132,7 @@ class Trainer:
         self.net = LensNet(self._lens_config)
         self.current_net = copy.deepcopy(self.net)
         self.current_version = ""  # "" = nothing published: the initial LensNet
-        self._lineage_steps = 0  # steps behind the trained weights, across restarts
+        self._lineage_steps = 0  # steps behind self.net, from the initial LensNet, across runs
         self._current_steps = 0  # steps behind the current version's weights
         self._refusals = 0  # gates in a row that judged the trained weights and refused them
         self._unloadable: set[str] = set()  # published versions this trainer cannot load
@@ -375,7 +375,8 @@ class Trainer:
         decision = await self._gate_reported()
         if not decision.passed:
             logger.info("gate refused at step %d: %s", self.steps, decision.reason)
-            self._refusals += decision.judged
+            if decision.judged:
+                self._refusals += 1
             limit = self.settings.restart_after_refusals
             if limit and self._refusals >= limit:
                 logger.info(
