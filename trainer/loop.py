@@ -384,9 +384,8 @@ class Trainer:
                     self._refusals,
                     self.current_version or "the seeded initial LensNet",
                 )
-                self._adopt(
-                    copy.deepcopy(self.current_net), self.current_version, self._current_steps
-                )
+                # _adopt trains on `net` and keeps a copy as current: one copy suffices.
+                self._adopt(self.current_net, self.current_version, self._current_steps)
             return
         if self._redis is not None:
             await self._publish(decision)
