@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet
+from lens_serve.gistnet import GistKind, build_gistnet, gist_config
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.policies import ContextChooser
@@ -30,8 +30,7 @@ BUDGET, TAIL, TURN_TOKENS = 2048, 128, 64
 
 
 def build_tree(table: EmbeddingTable, kind: GistKind, tokens: np.ndarray) -> LifetimeTree:
-    config = GistNetConfig(kind=kind, hidden_size=table.hidden_size)
-    tree = LifetimeTree(build_gistnet(config), table)
+    tree = LifetimeTree(build_gistnet(gist_config(table, kind), table), table)
     tree.append(tokens)
     return tree
 

@@ -16,7 +16,9 @@ The needle test puts a fact at the start of the old text and asks for it after t
 the answer's NLL is reported per condition. Windows differ far more than conditions do, so each
 condition is also reported as its paired per-window difference from `dropped`.
 
-Trained gists come from `lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
+`tokens` is the served layout (with 4 rows: 2 keywords, then 2 of the tokenizer's `,`);
+`tokens-unseparated` shows 4 keywords, the layout before separators. Trained gists come from
+`lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
 Writes bench/out/gists.json and bench/out/gists.png; lower NLL is better."""
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from lens_serve.demo import held_out_tokens
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, load_gistnet
+from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, gist_config, load_gistnet
 from lens_serve.models import models_dir, resolve_model
 from lens_serve.scoring import continuation_nll, load_causal_lm
 from lens_serve.tree import LifetimeTree
@@ -74,13 +76,16 @@ def contexts(
     return out
 
 
-def load_nets(hidden: int, trained: dict[int, Path]) -> dict[str, dict[str, GistNet]]:
+def load_nets(table: EmbeddingTable, trained: dict[int, Path]) -> dict[str, dict[str, GistNet]]:
     nets: dict[str, dict[str, GistNet]] = {}
     for name, (rows, _) in COMPRESSIONS.items():
         nets[name] = {
-            kind: build_gistnet(GistNetConfig(kind, rows=rows, hidden_size=hidden))
+            kind: build_gistnet(gist_config(table, kind, rows=rows), table)
             for kind in ("tokens", "mean")
         }
+        if nets[name]["tokens"].config.separator_id >= 0:  # the layout before separators
+            plain = GistNetConfig(rows=rows, hidden_size=table.hidden_size)
+            nets[name]["tokens-unseparated"] = build_gistnet(plain)
         if rows in trained:
             nets[name]["trained"] = load_gistnet(trained[rows])
     return nets
@@ -111,7 +116,7 @@ def main() -> None:
     ids = held_out_tokens(model_dir, span + args.stride * (args.windows - 1))
     table = EmbeddingTable.from_checkpoint(model_dir)
     model = load_causal_lm(model_dir)
-    nets = load_nets(table.hidden_size, trained)
+    nets = load_nets(table, trained)
     runs: dict[str, list[float]] = {}
     for w in range(args.windows):
         window = ids[w * args.stride : w * args.stride + span]

@@ -18,7 +18,7 @@ import torch
 from lens_serve.assembly import assemble
 from lens_serve.demo import held_out_tokens
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet
+from lens_serve.gistnet import GistKind, build_gistnet, gist_config
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.policies import ContextChooser
@@ -50,9 +50,7 @@ def main() -> None:
         window = ids[w * args.stride : w * args.stride + span]
         context, target = window[: args.lifetime], torch.tensor(window[args.lifetime :])
         for kind in GIST_KINDS:
-            tree = LifetimeTree(
-                build_gistnet(GistNetConfig(kind, hidden_size=table.hidden_size)), table
-            )
+            tree = LifetimeTree(build_gistnet(gist_config(table, kind), table), table)
             tree.append(context)
             cases = [("lens", args.budget), ("uniform", args.budget)]
             if kind == "tokens":  # raw-only policies do not depend on the gist kind

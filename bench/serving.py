@@ -45,7 +45,7 @@ from lens_serve.assembly import assemble
 from lens_serve.client import LensClient
 from lens_serve.config import Settings
 from lens_serve.engine import VllmEngine
-from lens_serve.gistnet import GistNetConfig, build_gistnet
+from lens_serve.gistnet import build_gistnet, gist_config
 from lens_serve.inprocess import Stack, serving_stack
 from lens_serve.models import resolve_model
 from lens_serve.redis_embedded import EmbeddedRedis
@@ -214,12 +214,13 @@ async def overhead(
 ) -> dict[str, Any]:  # fmt: skip
     table = engine.embedding_table()
     gistnet = build_gistnet(
-        GistNetConfig(
+        gist_config(
+            table,
             kind=settings.gist_kind,  # type: ignore[arg-type]  # validated by Settings
             block_size=settings.block_size,
             rows=settings.gist_rows,
-            hidden_size=table.hidden_size,
-        )
+        ),
+        table,
     )
     if gistnet.version != stack.service.gistnet_version:
         raise RuntimeError("bare vLLM would see other gists than the server")

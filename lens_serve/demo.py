@@ -16,7 +16,7 @@ from lens_serve import corpus
 from lens_serve.assembly import assemble
 from lens_serve.context import Span, WorkingContext
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNetConfig, build_gistnet
+from lens_serve.gistnet import build_gistnet, gist_config
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.policies import POLICIES, ContextChooser
@@ -59,7 +59,7 @@ def run(config: DemoConfig, out: TextIO = sys.stdout) -> dict[str, float]:
     tokens = held_out_tokens(model_dir, config.lifetime + config.continuation)
     context, target = tokens[: config.lifetime], torch.tensor(tokens[config.lifetime :])
     table = EmbeddingTable.from_checkpoint(model_dir)
-    tree = LifetimeTree(build_gistnet(GistNetConfig(hidden_size=table.hidden_size)), table)
+    tree = LifetimeTree(build_gistnet(gist_config(table), table), table)
     tree.append(context)
     model = load_causal_lm(model_dir)
     chooser = ContextChooser(

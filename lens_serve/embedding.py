@@ -16,10 +16,12 @@ EMBEDDING_KEY = "model.embed_tokens.weight"
 class EmbeddingTable:
     """Token id -> embedding row lookup for one base model."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, separator_id: int | None = None) -> None:
         if weight.ndim != 2:
             raise ValueError(f"embedding weight must be 2-D, got shape {tuple(weight.shape)}")
         self.weight = weight  # (V, D), the checkpoint's dtype
+        # The tokenizer's ",", which `tokens` gists show after their keywords (None: unknown).
+        self.separator_id = separator_id
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path) -> EmbeddingTable:
@@ -35,7 +37,7 @@ class EmbeddingTable:
         with safe_open(str(path), framework="pt") as f:
             if EMBEDDING_KEY not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
                 raise KeyError(f"{path} has no tensor {EMBEDDING_KEY!r}")
-            return cls(f.get_tensor(EMBEDDING_KEY))
+            return cls(f.get_tensor(EMBEDDING_KEY), _comma_id(model_dir / "tokenizer.json"))
 
     @property
     def vocab_size(self) -> int:
@@ -52,3 +54,12 @@ class EmbeddingTable:
     def __call__(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(...,) int ids -> (..., D) embeddings in the checkpoint's dtype."""
         return self.weight[token_ids.long()]
+
+
+def _comma_id(tokenizer_json: Path) -> int | None:
+    """The id of the token `,` in a byte-level BPE tokenizer.json, None if it has none."""
+    if not tokenizer_json.exists():
+        return None
+    vocab = json.loads(tokenizer_json.read_text()).get("model", {}).get("vocab", {})
+    token_id = vocab.get(",")
+    return int(token_id) if token_id is not None else None

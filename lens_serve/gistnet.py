@@ -1,10 +1,13 @@
 """GistNet: what stands for a block in the working context.
 
 One interface, three kinds:
-- `tokens`: training-free. A gist is `rows` of the block's own tokens, the ones with the highest
-  BPE merge rank (a later merge is a longer, rarer piece of text, so it carries more of the block's
-  content), kept in text order. A frozen model reads real tokens, so this is never worse than
-  dropping the block; it is the default until a trained GistNet is published.
+- `tokens`: training-free. A gist shows the block's own tokens with the highest BPE merge rank (a
+  later merge is a longer, rarer piece of text, so it carries more of the block's content), in
+  text order. With a `separator_id` (the model's `,`; `gist_config` sets it when rows >= 2) the
+  last rows // 2 rows are separators: a run of gists then reads as a list of keywords
+  (`liquor predecessors,, addictive accelerating,,`), which a frozen model takes far better than
+  keyword salad (bench/gists.py, 8x: +0.09 nats/token over dropping without, about 0 with). It
+  is the default until a trained GistNet is published.
 - `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
   1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
 - `transformer`: the `tokens` rows plus a learned residual (learned queries attending over the
@@ -53,6 +56,9 @@ class GistNetConfig:
     """transformer only: attention heads."""
     seed: int = 0
     """transformer only: initialisation seed."""
+    separator_id: int = -1
+    """tokens and transformer: the token shown in the last rows // 2 rows of each gist, after its
+    keywords (-1: none, all rows are keywords). Needs rows >= 2."""
 
     def __post_init__(self) -> None:
         if self.kind not in GIST_KINDS:
@@ -63,6 +69,29 @@ class GistNetConfig:
             raise ValueError(f"rows must divide block_size {self.block_size}, got {self.rows}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.separator_id >= 0 and (self.rows < 2 or self.kind == "mean"):
+            raise ValueError(
+                f"separator_id needs rows >= 2 and kind tokens or transformer, got rows "
+                f"{self.rows}, kind {self.kind!r}"
+            )
+
+    @property
+    def keywords(self) -> int:
+        """Rows per gist that show one of the block's tokens; the rest show the separator."""
+        return self.rows - self.rows // 2 if self.separator_id >= 0 else self.rows
+
+
+def gist_config(
+    table: EmbeddingTable, kind: GistKind = "tokens", block_size: int = 32, rows: int = 1
+) -> GistNetConfig:
+    """The config for `table`'s model: its width and, for token-based kinds with rows >= 2, its
+    `,` as separator."""
+    separator = table.separator_id if table.separator_id is not None else -1
+    if rows < 2 or kind == "mean":
+        separator = -1
+    return GistNetConfig(
+        kind, block_size, rows, hidden_size=table.hidden_size, separator_id=separator
+    )
 
 
 class Gists(NamedTuple):
@@ -73,9 +102,13 @@ class Gists(NamedTuple):
 class GistNet(nn.Module):
     """Base class: `forward(child_ids, child_embeds) -> Gists`."""
 
+    separator_embed: torch.Tensor  # (D,): the separator's embedding, set by build_gistnet
+
     def __init__(self, config: GistNetConfig) -> None:
         super().__init__()
         self.config = config
+        if config.separator_id >= 0:
+            self.register_buffer("separator_embed", torch.zeros(config.hidden_size))
 
     def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
         """child_ids (N, C) int64 (-1 = soft row), child_embeds (N, C, D) -> R rows per gist."""
@@ -87,6 +120,27 @@ class GistNet(nn.Module):
         gists: Gists = self(token_ids, table(token_ids))
         return gists
 
+    def _with_separators(self, gists: Gists) -> Gists:
+        """(N, keywords) rows -> (N, R): the separator in each gist's last rows."""
+        n, k = gists.token_ids.shape
+        extra = self.config.rows - k
+        if extra == 0:
+            return gists
+        ids = torch.full((n, extra), self.config.separator_id, dtype=torch.long)
+        embeds = self.separator_embed.to(gists.embeds.dtype).expand(n, extra, -1)  # (N, S, D)
+        return Gists(
+            torch.cat([gists.token_ids, ids], dim=1), torch.cat([gists.embeds, embeds], dim=1)
+        )
+
+    def _token_gists(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
+        """The `tokens` gist: keywords (N, K) gathered from the children, then separators."""
+        config = self.config
+        chosen = _chosen(child_ids, config.keywords, config.separator_id)  # (N, K)
+        ids = child_ids.gather(1, chosen)  # (N, K)
+        n, k, d = chosen.shape[0], chosen.shape[1], child_embeds.shape[-1]
+        embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, k, d))  # (N, K, D)
+        return self._with_separators(Gists(ids, embeds))
+
     @property
     def version(self) -> str:
         """Content-addressed: a tree built with one version is never mixed with another's gists."""
@@ -95,31 +149,26 @@ class GistNet(nn.Module):
         )
 
 
-def _chosen(child_ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """(N, C) ids -> (N, R) positions of the shown tokens, in text order."""
+def _chosen(child_ids: torch.Tensor, keywords: int, separator_id: int) -> torch.Tensor:
+    """(N, C) ids -> (N, K) positions of the shown tokens, in text order."""
     c = child_ids.shape[1]
     # Rank by BPE merge rank; among equal ids the later position wins (index added as a
-    # fraction < 1 keeps the order of ids). Soft rows (-1) rank below every token.
+    # fraction < 1 keeps the order of ids). Soft rows (-1) and separators (a child gist's own
+    # separator rows at LOD >= 2) rank below every token.
     position = torch.arange(c, dtype=torch.float64) / c  # (C,)
-    score = child_ids.to(torch.float64) + position  # (N, C)
-    return score.topk(rows, dim=1).indices.sort(dim=1).values  # (N, R)
-
-
-def _token_gists(child_ids: torch.Tensor, child_embeds: torch.Tensor, rows: int) -> Gists:
-    chosen = _chosen(child_ids, rows)  # (N, R)
-    ids = child_ids.gather(1, chosen)  # (N, R)
-    n, d = chosen.shape[0], child_embeds.shape[-1]
-    embeds = child_embeds.gather(1, chosen.unsqueeze(-1).expand(n, rows, d))  # (N, R, D)
-    return Gists(ids, embeds)
+    ids = child_ids.masked_fill(child_ids == separator_id, -1) if separator_id >= 0 else child_ids
+    score = ids.to(torch.float64) + position  # (N, C)
+    return score.topk(keywords, dim=1).indices.sort(dim=1).values  # (N, K)
 
 
 class TokenGistNet(GistNet):
     def forward(self, child_ids: torch.Tensor, child_embeds: torch.Tensor) -> Gists:
-        return _token_gists(child_ids, child_embeds, self.config.rows)
+        return self._token_gists(child_ids, child_embeds)
 
     def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
-        ids = token_ids.gather(1, _chosen(token_ids, self.config.rows))  # (N, R)
-        return Gists(ids, table(ids))  # only the shown tokens are embedded
+        config = self.config
+        ids = token_ids.gather(1, _chosen(token_ids, config.keywords, config.separator_id))
+        return self._with_separators(Gists(ids, table(ids)))  # only shown tokens are embedded
 
 
 class MeanGistNet(GistNet):
@@ -172,7 +221,7 @@ class TransformerGistNet(GistNet):
         h = torch.cat([self.queries.expand(n, rows, -1), h], dim=1)  # (N, R + C, W)
         for block in self.blocks:
             h = block(h)
-        base = _token_gists(child_ids, x, rows).embeds  # (N, R, D)
+        base = self._token_gists(child_ids, x).embeds  # (N, R, D)
         out = self.token_scale * base + self.out(self.norm(h[:, :rows]))  # (N, R, D)
         ids = torch.full((n, rows), -1, dtype=torch.long)
         return Gists(ids, out.to(child_embeds.dtype))
@@ -185,7 +234,20 @@ _KINDS: dict[str, type[GistNet]] = {
 }
 
 
-def build_gistnet(config: GistNetConfig) -> GistNet:
+def build_gistnet(config: GistNetConfig, table: EmbeddingTable | None = None) -> GistNet:
+    """A GistNet for `config`; one with a separator takes the separator's embedding from `table`
+    (a loaded checkpoint brings its own)."""
+    net = _new(config)
+    if config.separator_id >= 0:
+        if table is None or config.separator_id >= table.vocab_size:
+            raise ValueError(
+                f"separator_id {config.separator_id} needs the embedding table that holds it"
+            )
+        net.separator_embed.copy_(table(torch.tensor(config.separator_id)))
+    return net
+
+
+def _new(config: GistNetConfig) -> GistNet:
     net = _KINDS[config.kind](config)
     net.eval()
     return net
@@ -201,6 +263,6 @@ def load_gistnet(directory: Path) -> GistNet:
 
 
 def gistnet_from_bytes(raw_config: dict[str, object], weights: bytes) -> GistNet:
-    net = build_gistnet(checkpoint.config_from_dict(GistNetConfig, raw_config))
-    checkpoint.load_state(net, weights)
+    net = _new(checkpoint.config_from_dict(GistNetConfig, raw_config))
+    checkpoint.load_state(net, weights)  # brings the separator's embedding too
     return net

@@ -30,7 +30,7 @@ from lens_serve.embedding import EmbeddingTable
 from lens_serve.engine import Engine, GenerationParams
 from lens_serve.errors import InvalidRequest, Overloaded
 from lens_serve.gist_store import current_gistnet
-from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet
+from lens_serve.gistnet import GistNet, build_gistnet, gist_config
 from lens_serve.models import resolve_model
 from lens_serve.policies import POLICIES, Choice, ContextChooser, check_feasible
 from lens_serve.preferences import PreferenceLog
@@ -196,12 +196,13 @@ class LensService:
         model_dir = resolve_model(settings.model, settings.models_dir)
         table = EmbeddingTable.from_checkpoint(model_dir)
         configured = build_gistnet(
-            GistNetConfig(
+            gist_config(
+                table,
                 kind=settings.gist_kind,  # type: ignore[arg-type]  # validated by Settings
                 block_size=settings.block_size,
                 rows=settings.gist_rows,
-                hidden_size=table.hidden_size,
-            )
+            ),
+            table,
         )
         # A published GistNet replaces the configured one only if it fits this server's trees.
         published = await current_gistnet(

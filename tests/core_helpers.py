@@ -27,11 +27,18 @@ def make_tree(
     rows: int = 1,
     kind: GistKind = "tokens",
     seed: int = 0,
+    separator_id: int = -1,
 ) -> LifetimeTree:
     config = GistNetConfig(
-        kind=kind, block_size=block_size, rows=rows, hidden_size=HIDDEN, width=16
+        kind=kind,
+        block_size=block_size,
+        rows=rows,
+        hidden_size=HIDDEN,
+        width=16,
+        separator_id=separator_id,
     )
-    tree = LifetimeTree(build_gistnet(config), random_table(seed))
+    table = random_table(seed)
+    tree = LifetimeTree(build_gistnet(config, table), table)
     tree.append(np.random.default_rng(seed).integers(0, VOCAB, lifetime))
     return tree
 

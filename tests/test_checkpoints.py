@@ -17,14 +17,20 @@ from lens_serve.gistnet import (
     save_gistnet,
 )
 from lens_serve.lensnet import N_FEATURES, LensNet, LensNetConfig, load_lensnet, save_lensnet
-from tests.core_helpers import HIDDEN, random_lensnet
+from tests.core_helpers import HIDDEN, random_lensnet, random_table
 
 
-@pytest.mark.parametrize("kind", GIST_KINDS)
-def test_gistnet_save_load_gives_identical_outputs(kind: GistKind, tmp_path: Path) -> None:
-    net = build_gistnet(
-        GistNetConfig(kind=kind, block_size=4, rows=2, hidden_size=HIDDEN, width=16)
+@pytest.mark.parametrize(
+    ("kind", "separator"),
+    [(kind, -1) for kind in GIST_KINDS] + [("tokens", 7), ("transformer", 7)],
+)
+def test_gistnet_save_load_gives_identical_outputs(
+    kind: GistKind, separator: int, tmp_path: Path
+) -> None:
+    config = GistNetConfig(
+        kind=kind, block_size=4, rows=2, hidden_size=HIDDEN, width=16, separator_id=separator
     )
+    net = build_gistnet(config, random_table())
     save_gistnet(net, tmp_path)
     loaded = load_gistnet(tmp_path)
     ids = torch.randint(0, 100, (5, 4))

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from lens_serve.gistnet import GistNetConfig, TokenGistNet, TransformerGistNet, build_gistnet
+from lens_serve.embedding import EmbeddingTable
+from lens_serve.gistnet import (
+    TokenGistNet,
+    TransformerGistNet,
+    build_gistnet,
+    gist_config,
+    load_gistnet,
+)
 from lens_serve.scoring import load_causal_lm
 from trainer.distill import (
     DistillConfig,
@@ -18,6 +25,8 @@ from trainer.distill import (
     gist_rows,
     new_gistnet,
     sample_batch,
+    validate,
+    validation_windows,
 )
 
 CONFIG = DistillConfig(
@@ -34,24 +43,30 @@ def model(tiny_model_dir: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
+def table(tiny_model_dir: Path) -> EmbeddingTable:
+    return EmbeddingTable.from_checkpoint(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def tokens(model: Any) -> torch.Tensor:
     vocab = model.get_input_embeddings().weight.shape[0]
     return torch.randint(0, vocab, (4000,), generator=torch.Generator().manual_seed(1))
 
 
-def test_untrained_transformer_gist_equals_the_tokens_gist(model: Any) -> None:
-    hidden = model.get_input_embeddings().weight.shape[1]
-    net = new_gistnet(CONFIG, hidden)
-    tokens_net = build_gistnet(GistNetConfig("tokens", block_size=8, rows=2, hidden_size=hidden))
+def test_untrained_transformer_gist_equals_the_tokens_gist(table: EmbeddingTable) -> None:
+    net = new_gistnet(CONFIG, table)
+    tokens_net = build_gistnet(gist_config(table, "tokens", block_size=8, rows=2), table)
     assert isinstance(tokens_net, TokenGistNet)
+    assert net.config.separator_id == tokens_net.config.separator_id == table.separator_id
     ids = torch.randint(0, 100, (3, 8))
-    embeds = torch.randn(3, 8, hidden)
+    embeds = table(ids)
     assert torch.equal(net(ids, embeds).embeds, tokens_net(ids, embeds).embeds)
 
 
-def test_gradient_reaches_only_the_gistnet(model: Any, tokens: torch.Tensor) -> None:
-    hidden = model.get_input_embeddings().weight.shape[1]
-    net = new_gistnet(CONFIG, hidden)
+def test_gradient_reaches_only_the_gistnet(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor
+) -> None:
+    net = new_gistnet(CONFIG, table)
     loss, _ = distill_loss(model, net, sample_batch(tokens, CONFIG, 1, 0), CONFIG, 1)
     loss.backward()  # type: ignore[no-untyped-call]
     assert all(p.grad is None for p in model.parameters())
@@ -59,12 +74,13 @@ def test_gradient_reaches_only_the_gistnet(model: Any, tokens: torch.Tensor) -> 
     assert net.out.weight.grad is not None and net.out.weight.grad.abs().sum() > 0
 
 
-def test_loss_decreases_in_a_few_steps(model: Any, tokens: torch.Tensor, tmp_path: Path) -> None:
+def test_loss_decreases_in_a_few_steps(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor
+) -> None:
     # One fixed batch: the loss must fall when the same samples are revisited.
     config = DistillConfig(**{**CONFIG.__dict__, "lod1_steps": 12, "seed": 3})
     batch = sample_batch(tokens, config, 1, 0)
-    hidden = model.get_input_embeddings().weight.shape[1]
-    net = new_gistnet(config, hidden)
+    net = new_gistnet(config, table)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
     losses = []
@@ -78,12 +94,12 @@ def test_loss_decreases_in_a_few_steps(model: Any, tokens: torch.Tensor, tmp_pat
 
 
 def test_resume_continues_the_step_count_deterministically(
-    model: Any, tokens: torch.Tensor, tmp_path: Path
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor, tmp_path: Path
 ) -> None:
-    straight = distill(model, tokens, CONFIG, tmp_path / "a")
+    straight = distill(model, table, tokens, CONFIG, tmp_path / "a")
     first = DistillConfig(**{**CONFIG.__dict__, "lod1_steps": 3})
-    distill(model, tokens, first, tmp_path / "b")
-    resumed = distill(model, tokens, CONFIG, tmp_path / "b", resume=True)
+    distill(model, table, tokens, first, tmp_path / "b")
+    resumed = distill(model, table, tokens, CONFIG, tmp_path / "b", resume=True)
     assert straight.steps == resumed.steps == 6
     assert [h["step"] for h in resumed.history] == [4, 5, 6]
     assert resumed.history == straight.history[3:]
@@ -91,23 +107,40 @@ def test_resume_continues_the_step_count_deterministically(
 
 
 def test_lod2_stage_runs_through_two_levels(
-    model: Any, tokens: torch.Tensor, tmp_path: Path
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor, tmp_path: Path
 ) -> None:
     config = DistillConfig(**{**CONFIG.__dict__, "lod1_steps": 1, "lod2_steps": 1})
-    result = distill(model, tokens, config, tmp_path)
+    result = distill(model, table, tokens, config, tmp_path)
     assert [h["lod"] for h in result.history] == [1, 2]
     assert all(torch.isfinite(torch.tensor(h["kl"])) for h in result.history)
 
 
-def test_a_lod1_sample_gists_several_blocks_in_a_row(model: Any, tokens: torch.Tensor) -> None:
+def test_a_lod1_sample_gists_several_blocks_in_a_row(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor
+) -> None:
     config = DistillConfig(**{**CONFIG.__dict__, "blocks": 3})
     batch = sample_batch(tokens, config, 1, 0)
     assert batch.shape == (2, 8 + 3 * 8 + 8)
-    hidden = model.get_input_embeddings().weight.shape[1]
-    net = new_gistnet(config, hidden)
+    hidden = table.hidden_size
+    net = new_gistnet(config, table)
     rows = gist_rows(net, batch[:, 8:32], model.get_input_embeddings(), 1)
     per_block = gist_rows(net, batch[:, 16:24], model.get_input_embeddings(), 1)
     assert rows.shape == (2, 3 * 2, hidden)  # 3 blocks x 2 rows, in text order
     assert torch.equal(rows[:, 2:4], per_block)
     loss, _ = distill_loss(model, net, batch, config, 1)
     assert torch.isfinite(loss)
+
+
+def test_validation_keeps_the_best_net_on_text_it_never_trains_on(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    config = DistillConfig(**{**CONFIG.__dict__, "lod1_steps": 6, "validation_tokens": 500})
+    windows = validation_windows(tokens, config, 1)
+    assert windows.shape == (500 // 24, 24)  # prefix 8 + 1 block of 8 + horizon 8
+    assert torch.equal(windows.flatten(), tokens[-500:][: windows.numel()])
+    result = distill(model, table, tokens, config, tmp_path)
+    measured = [h["validation_nll_gain"] for h in result.history if "validation_nll_gain" in h]
+    assert len(measured) == 2  # at the checkpoints, steps 3 and 6
+    assert result.best_validation == max(measured)
+    best = load_gistnet(tmp_path / "best")
+    assert validate(model, best, tokens, config) == pytest.approx(result.best_validation)

@@ -111,7 +111,7 @@ def test_training_on_an_expansion_that_helped_scores_that_gist_positive() -> Non
     trainer = PreferenceTrainer(net, lr=3e-3, temperature=1.0, seed=0)
     for _ in range(40):
         trainer.step(collate([ex]))
-    tree = LifetimeTree(gistnet_for(record, HIDDEN), table)
+    tree = LifetimeTree(gistnet_for(record, table), table)
     tree.append(_tokens())
     scores = score_units(net, unit_inputs(tree, served, TAIL))
     assert scores[1] > 0  # expand (2,1): expanding it lowered the NLL

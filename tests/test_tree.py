@@ -6,8 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lens_serve.gistnet import GIST_KINDS, GistKind
-from tests.core_helpers import VOCAB, make_tree
+from lens_serve.embedding import EmbeddingTable
+from lens_serve.gistnet import GIST_KINDS, GistKind, GistNetConfig, build_gistnet, gist_config
+from tests.core_helpers import HIDDEN, VOCAB, make_tree, random_table
+
+SEPARATOR = 11  # stands for the tokenizer's ","
 
 
 @settings(max_examples=25, deadline=None)
@@ -15,14 +18,16 @@ from tests.core_helpers import VOCAB, make_tree
     chunks=st.lists(st.integers(0, 300), min_size=1, max_size=8),
     kind=st.sampled_from(GIST_KINDS),
     rows=st.sampled_from([1, 2]),
+    separated=st.booleans(),
 )
 def test_incremental_tree_equals_tree_built_in_one_go(
-    chunks: list[int], kind: GistKind, rows: int
+    chunks: list[int], kind: GistKind, rows: int, separated: bool
 ) -> None:
     tokens = np.random.default_rng(sum(chunks)).integers(0, VOCAB, sum(chunks))
-    whole = make_tree(0, block_size=4, rows=rows, kind=kind)
+    separator = SEPARATOR if separated and rows == 2 and kind != "mean" else -1
+    whole = make_tree(0, block_size=4, rows=rows, kind=kind, separator_id=separator)
     whole.append(tokens)
-    pieces = make_tree(0, block_size=4, rows=rows, kind=kind)
+    pieces = make_tree(0, block_size=4, rows=rows, kind=kind, separator_id=separator)
     at = 0
     for size in chunks:
         pieces.append(tokens[at : at + size])
@@ -55,6 +60,46 @@ def test_tokens_gist_shows_the_blocks_highest_ranked_tokens_in_order() -> None:
     ids = tree.gist_token_ids(1, np.array([0]))[0].tolist()
     assert ids == [300, 200]
     assert torch.equal(tree.gist_embeds(1, np.array([0]))[0], tree.table(torch.tensor([300, 200])))
+
+
+def test_tokens_gist_with_a_separator_lists_keywords_then_separators() -> None:
+    tree = make_tree(0, block_size=4, rows=4, separator_id=SEPARATOR)
+    tree.append([5, 300, 7, 200] + [9, 8, 400, 6] + [3] * 8)  # 4 blocks -> one LOD2 gist
+    lod1 = tree.gist_token_ids(1, np.arange(4)).tolist()
+    assert lod1[:2] == [[300, 200, SEPARATOR, SEPARATOR], [9, 400, SEPARATOR, SEPARATOR]]
+    expected = tree.table(torch.tensor([300, 200, SEPARATOR, SEPARATOR]))
+    assert torch.equal(tree.gist_embeds(1, np.array([0]))[0], expected)
+    # LOD2 picks its keywords among the children's keywords, never their separators
+    assert tree.gist_token_ids(2, np.array([0]))[0].tolist() == [300, 400, SEPARATOR, SEPARATOR]
+
+
+@pytest.mark.parametrize(
+    ("kind", "rows", "separator"), [("tokens", 1, SEPARATOR), ("mean", 2, SEPARATOR)]
+)
+def test_a_separator_needs_two_rows_and_a_token_kind(
+    kind: GistKind, rows: int, separator: int
+) -> None:
+    with pytest.raises(ValueError, match="separator_id"):
+        GistNetConfig(kind, block_size=4, rows=rows, hidden_size=HIDDEN, separator_id=separator)
+
+
+def test_a_separator_must_be_in_the_embedding_table() -> None:
+    config = GistNetConfig(block_size=4, rows=2, hidden_size=HIDDEN, separator_id=VOCAB)
+    with pytest.raises(ValueError, match="separator_id"):
+        build_gistnet(config, random_table())
+    with pytest.raises(ValueError, match="separator_id"):
+        build_gistnet(config)
+
+
+def test_gist_config_uses_the_tables_separator_only_where_it_fits() -> None:
+    table = EmbeddingTable(random_table().weight, separator_id=SEPARATOR)
+    assert gist_config(table, rows=4).separator_id == SEPARATOR
+    assert gist_config(table, rows=1).separator_id == -1
+    assert gist_config(table, "mean", rows=4).separator_id == -1
+    assert gist_config(random_table(), rows=4).separator_id == -1  # no tokenizer: none
+    separated = build_gistnet(gist_config(table, rows=4), table)
+    plain = build_gistnet(GistNetConfig(rows=4, hidden_size=HIDDEN), table)
+    assert separated.version != plain.version
 
 
 def test_mean_gist_is_the_mean_of_its_children() -> None:

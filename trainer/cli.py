@@ -202,6 +202,8 @@ async def _dump_async(url: str, out: Path) -> int:
 def _gistnet(args: argparse.Namespace) -> int:
     import torch
 
+    from lens_serve.embedding import EmbeddingTable
+    from lens_serve.gistnet import load_gistnet
     from lens_serve.models import models_dir, resolve_model
     from lens_serve.scoring import load_causal_lm
     from trainer.distill import distill
@@ -221,26 +223,33 @@ def _gistnet(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(config.seed)
     tokens = training_tokens(model_dir, args.max_tokens)
-    result = distill(load_causal_lm(model_dir), tokens, config, out, resume=args.resume)
+    table = EmbeddingTable.from_checkpoint(model_dir)
+    result = distill(load_causal_lm(model_dir), table, tokens, config, out, resume=args.resume)
     recent = result.history[-10:]
-    metrics = {
+    metrics: dict[str, object] = {
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
         "kl_last10": sum(h["kl"] for h in recent) / max(len(recent), 1),
         "gain_over_dropped_last10": sum(h["gain_over_dropped"] for h in recent)
         / max(len(recent), 1),
+        "best_validation_nll_gain": result.best_validation,
         "config": dataclasses.asdict(config),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     logger.info("GistNet %s: %d steps in %.0f s, written to %s",
                 result.net.version, result.steps, result.seconds, out)  # fmt: skip
+    net = result.net
+    if result.best_validation is not None:  # publish what did best on held-out text
+        net = load_gistnet(out / "best")
+        logger.info("best on held-out text: %s in %s, NLL gain over dropped %+.4f",
+                    net.version, out / "best", result.best_validation)  # fmt: skip
     if args.redis_url:
         from lens_serve.gist_store import publish_gistnet
 
         async def publish() -> str:
             redis = _redis(args.redis_url)
             try:
-                return await publish_gistnet(redis, result.net, metrics=metrics)
+                return await publish_gistnet(redis, net, metrics=metrics)
             finally:
                 await redis.aclose()
 

@@ -6,12 +6,19 @@ student reads it as gist rows (LOD1: `blocks` blocks in a row, each its own gist
 sample should too: one gist inside raw text teaches little about reading thirty in a row. Loss over
 the horizon: KL(teacher || student) of the next-token distributions plus `nll_weight` times the
 NLL of the true tokens. The base model is frozen, so gradients reach only the GistNet. Stage 1
-trains LOD1 for `lod1_steps`, stage 2 LOD2 for `lod2_steps` (the curriculum).
+trains LOD1 for `lod1_steps`, stage 2 LOD2 for `lod2_steps` (the curriculum). New nets start from
+the `tokens` gist of the model's own layout (keywords then separators, `gist_config`).
+
+With `validation_tokens`, the stream's last tokens are never trained on: at every checkpoint the
+NLL the gists save over dropping the span is measured on their windows (each LOD the run trains),
+and the best net so far is kept in `<out>/best`. The gain on training text says little: a run that
+raised it to +0.1 nats was worse than dropping on held-out text.
 
 Batches depend only on (seed, step), so a run resumed from its checkpoint continues exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
-from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, load_gistnet, save_gistnet
+from lens_serve.embedding import EmbeddingTable
+from lens_serve.gistnet import GistNet, build_gistnet, gist_config, load_gistnet, save_gistnet
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,8 @@ class DistillConfig:
     nll_weight: float = 0.1
     seed: int = 0
     checkpoint_every: int = 25
+    validation_tokens: int = 0
+    """Held out from the end of the stream for validation at each checkpoint (0: none)."""
 
 
 def span_tokens(config: DistillConfig, lod: int) -> int:
@@ -79,8 +89,9 @@ def distill_loss(
     """KL(teacher || student) + nll_weight * NLL over the horizon of `batch` (N, L).
 
     Also reports `gain_over_dropped`: the horizon's KL with the span dropped minus with it gisted
-    (> 0: the gist tells the model more than nothing). Without a prefix the first horizon token
-    has no context at all when the span is dropped, so that comparison skips it."""
+    (> 0: the gist tells the model more than nothing), and `nll_gain_over_dropped`, the same for
+    the true tokens' NLL. Without a prefix the first horizon token has no context at all when the
+    span is dropped, so those comparisons skip it."""
     p, s = config.prefix, span_tokens(config, lod)
     embed = model.get_input_embeddings()
     target = batch[:, p + s :]  # (N, H)
@@ -98,10 +109,20 @@ def distill_loss(
     kl = _kl(log_teacher, log_student)
     nll = F.nll_loss(log_student.flatten(0, 1), target.flatten())
     with torch.no_grad():
-        gain = _kl(log_teacher[:, skip:], dropped.float().log_softmax(-1)) - _kl(
+        log_dropped = dropped.float().log_softmax(-1)  # (N, H - skip, V)
+        gain = _kl(log_teacher[:, skip:], log_dropped) - _kl(
             log_teacher[:, skip:], log_student[:, skip:]
         )
-    parts = {"kl": kl.item(), "nll": nll.item(), "gain_over_dropped": gain.item()}
+        scored = target[:, skip:].flatten()
+        nll_gain = F.nll_loss(log_dropped.flatten(0, 1), scored) - F.nll_loss(
+            log_student[:, skip:].flatten(0, 1), scored
+        )
+    parts = {
+        "kl": kl.item(),
+        "nll": nll.item(),
+        "gain_over_dropped": gain.item(),
+        "nll_gain_over_dropped": nll_gain.item(),
+    }
     return kl + config.nll_weight * nll, parts
 
 
@@ -118,15 +139,41 @@ def freeze(model: Any) -> None:
         param.requires_grad_(False)
 
 
-def new_gistnet(config: DistillConfig, hidden_size: int) -> GistNet:
-    net_config = GistNetConfig(
-        kind="transformer",
-        block_size=config.block_size,
-        rows=config.rows,
-        hidden_size=hidden_size,
-        seed=config.seed,
-    )
-    return build_gistnet(net_config)
+def new_gistnet(config: DistillConfig, table: EmbeddingTable) -> GistNet:
+    layout = gist_config(table, "transformer", config.block_size, config.rows)
+    return build_gistnet(dataclasses.replace(layout, seed=config.seed), table)
+
+
+def validation_windows(tokens: torch.Tensor, config: DistillConfig, lod: int) -> torch.Tensor:
+    """(W, prefix + span + horizon) non-overlapping windows of the held-out tail of `tokens`."""
+    length = config.prefix + span_tokens(config, lod) + config.horizon
+    held_out = tokens[tokens.numel() - config.validation_tokens :]
+    count = held_out.numel() // length
+    if count == 0:
+        raise ValueError(
+            f"validation_tokens {config.validation_tokens} hold no {length}-token window"
+        )
+    return held_out[: count * length].view(count, length)
+
+
+def lods(config: DistillConfig) -> list[int]:
+    return [1, 2] if config.lod2_steps else [1]
+
+
+def validate(model: Any, net: GistNet, tokens: torch.Tensor, config: DistillConfig) -> float:
+    """Mean over the trained LODs of the held-out NLL gain over dropping (nats/token, > 0 good)."""
+    was_training = net.training
+    net.eval()
+    gains: list[float] = []
+    with torch.no_grad():
+        for lod in lods(config):
+            windows = validation_windows(tokens, config, lod)  # (W, L)
+            for start in range(0, windows.shape[0], config.batch_size):
+                batch = windows[start : start + config.batch_size]
+                _, parts = distill_loss(model, net, batch, config, lod)
+                gains.append(parts["nll_gain_over_dropped"] * batch.shape[0] / windows.shape[0])
+    net.train(was_training)
+    return sum(gains) / len(lods(config))
 
 
 @dataclass
@@ -135,10 +182,13 @@ class DistillResult:
     steps: int
     seconds: float
     history: list[dict[str, float]]
+    best_validation: float | None = None
+    """The best held-out NLL gain over dropping (the net in <out>/best), None without validation."""
 
 
 def distill(
     model: Any,
+    table: EmbeddingTable,
     tokens: torch.Tensor,
     config: DistillConfig,
     out_dir: Path,
@@ -148,14 +198,16 @@ def distill(
 ) -> DistillResult:
     """Train (or resume) a GistNet; checkpoint every `checkpoint_every` steps and at the end."""
     freeze(model)
-    hidden = model.get_input_embeddings().weight.shape[1]
     state_path = out_dir / STATE_FILE
+    best: float | None = None
     if resume and state_path.exists():
         net = load_gistnet(out_dir)
         state = torch.load(state_path, weights_only=True)
         step: int = state["step"]
+        best = state.get("best_validation")
     else:
-        net, state, step = new_gistnet(config, hidden), None, 0
+        net, state, step = new_gistnet(config, table), None, 0
+    training = tokens[: tokens.numel() - config.validation_tokens]  # (T - validation,)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
     if state is not None:
@@ -166,7 +218,8 @@ def distill(
     bar = tqdm(total=total, initial=step, desc="gistnet", unit="step", mininterval=5.0)
     while step < total:
         lod = 1 if step < config.lod1_steps else 2
-        loss, parts = distill_loss(model, net, sample_batch(tokens, config, lod, step), config, lod)
+        batch = sample_batch(training, config, lod, step)
+        loss, parts = distill_loss(model, net, batch, config, lod)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -176,18 +229,32 @@ def distill(
         bar.update(1)
         bar.set_postfix(lod=lod, kl=f"{parts['kl']:.3f}", gain=f"{parts['gain_over_dropped']:.3f}")
         if step % config.checkpoint_every == 0 or step == total:
-            save_checkpoint(net, optimizer, step, out_dir)
+            if config.validation_tokens:
+                gain = validate(model, net, tokens, config)
+                history[-1]["validation_nll_gain"] = gain
+                logger.info("step %d: held-out NLL gain over dropped %+.4f", step, gain)
+                if best is None or gain > best:
+                    best = gain
+                    save_gistnet(net, out_dir / "best")
+            save_checkpoint(net, optimizer, step, out_dir, best)
             if on_checkpoint is not None:
                 on_checkpoint(net, step)
     bar.close()
     net.eval()
-    return DistillResult(net, step, time.monotonic() - started, history)
+    return DistillResult(net, step, time.monotonic() - started, history, best)
 
 
 def save_checkpoint(
-    net: GistNet, optimizer: torch.optim.Optimizer, step: int, out_dir: Path
+    net: GistNet,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    out_dir: Path,
+    best_validation: float | None = None,
 ) -> None:
     save_gistnet(net, out_dir)
     tmp = out_dir / f".{STATE_FILE}.tmp"
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict()}
+    if best_validation is not None:
+        state["best_validation"] = best_validation
+    torch.save(state, tmp)
     tmp.replace(out_dir / STATE_FILE)

@@ -40,7 +40,7 @@ import torch
 
 from lens_serve.context import Tiling, Unit
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNet, GistNetConfig, build_gistnet
+from lens_serve.gistnet import GistKind, GistNet, build_gistnet, gist_config
 from lens_serve.lensnet import unit_inputs
 from lens_serve.preferences import tiling_from_spec
 from lens_serve.tree import LifetimeTree
@@ -134,7 +134,7 @@ def balanced_signs(signs: np.ndarray) -> np.ndarray:
     return out
 
 
-def gistnet_for(record: pb.PreferenceRecord, hidden_size: int) -> GistNet:
+def gistnet_for(record: pb.PreferenceRecord, table: EmbeddingTable) -> GistNet:
     """The GistNet that made the record's gists, rebuilt and checked against its version."""
     version = record.gistnet_version
     parts = version.split("-")
@@ -146,22 +146,21 @@ def gistnet_for(record: pb.PreferenceRecord, hidden_size: int) -> GistNet:
             f"gistnet {version!r}: not a gist-<kind>-<hash> version this trainer knows"
         )
     try:
-        net = _build_gistnet(kind, record.block_size, record.gist_rows, hidden_size)
+        net = _build_gistnet(kind, record.block_size, record.gist_rows, table)
     except ValueError as e:
         raise RecordError(f"gistnet {version!r}: {e}") from e
     if net.version != version:
         raise RecordError(
             f"gistnet {version!r}: rebuilding {kind} with block_size {record.block_size}, "
-            f"rows {record.gist_rows}, hidden {hidden_size} gives {net.version!r}"
+            f"rows {record.gist_rows}, hidden {table.hidden_size} gives {net.version!r}"
         )
     return net
 
 
 @functools.lru_cache(maxsize=16)
-def _build_gistnet(kind: GistKind, block_size: int, rows: int, hidden_size: int) -> GistNet:
-    # Rebuilt with the server's defaults for every other field, which its version hash covers.
-    config = GistNetConfig(kind=kind, block_size=block_size, rows=rows, hidden_size=hidden_size)
-    return build_gistnet(config)
+def _build_gistnet(kind: GistKind, block_size: int, rows: int, table: EmbeddingTable) -> GistNet:
+    # Rebuilt as a server builds it (`gist_config`); the version hash covers every field.
+    return build_gistnet(gist_config(table, kind, block_size, rows), table)
 
 
 def example_from_record(
@@ -178,7 +177,7 @@ def example_from_record(
         )
     if model and record.model and Path(record.model).name != Path(model).name:
         raise RecordError(f"model {record.model!r}: this trainer embeds with {model!r}")
-    gistnet = gistnet_for(record, table.hidden_size)
+    gistnet = gistnet_for(record, table)
     lifetime, b, r = len(record.lifetime_token_ids), record.block_size, record.gist_rows
     tree = LifetimeTree(gistnet, table)
     try:
