@@ -144,3 +144,49 @@ def test_validation_keeps_the_best_net_on_text_it_never_trains_on(
     assert result.best_validation == max(measured)
     best = load_gistnet(tmp_path / "best")
     assert validate(model, best, tokens, config) == pytest.approx(result.best_validation)
+
+
+def test_the_tail_is_read_by_both_models_and_scored_by_neither(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor
+) -> None:
+    config = DistillConfig(**{**CONFIG.__dict__, "tail": 8})
+    batch = sample_batch(tokens, config, 1, 0)
+    assert batch.shape == (2, 8 + 8 + 8 + 8)  # prefix, span (1 block), tail, horizon
+    net = new_gistnet(config, table)
+    _, parts = distill_loss(model, net, batch, config, 1)
+
+    # Reference, position by position: horizon token j sits at index 24 + j of the raw window,
+    # at 8 + 2 + 8 + j behind the 2 gist rows, and at 16 + j with the span dropped.
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        rows = gist_rows(net, batch[:, 8:16], embed, 1)  # (2, 2, D)
+        student_in = torch.cat([embed(batch[:, :8]), rows, embed(batch[:, 16:])], dim=1)
+        teacher = model(input_ids=batch).logits[:, 23:31].log_softmax(-1)  # (2, 8, V)
+        student = model(inputs_embeds=student_in).logits[:, 17:25].log_softmax(-1)
+        dropped_ids = torch.cat([batch[:, :8], batch[:, 16:]], dim=1)
+        dropped = model(input_ids=dropped_ids).logits[:, 15:23].log_softmax(-1)
+    target = batch[:, 24:]  # (2, 8)
+    kl = (teacher.exp() * (teacher - student)).sum(-1).mean()
+    nll_student = -student.gather(-1, target[..., None]).mean()
+    nll_dropped = -dropped.gather(-1, target[..., None]).mean()
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+    assert parts["nll"] == pytest.approx(nll_student.item(), rel=1e-5)
+    assert parts["nll_gain_over_dropped"] == pytest.approx(
+        (nll_dropped - nll_student).item(), rel=1e-4, abs=1e-6
+    )
+
+
+def test_init_starts_a_run_from_a_trained_net(
+    model: Any, table: EmbeddingTable, tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    trained = distill(model, table, tokens, CONFIG, tmp_path / "first").net
+    config = DistillConfig(**{**CONFIG.__dict__, "lod1_steps": 1, "tail": 8})
+    tuned = distill(model, table, tokens, config, tmp_path / "tuned", init=trained)
+    with torch.no_grad():
+        _, parts = distill_loss(model, trained, sample_batch(tokens, config, 1, 0), config, 1)
+    assert tuned.history[0]["kl"] == pytest.approx(parts["kl"], rel=1e-5)  # step 1 read `trained`
+    assert tuned.net.version != trained.version  # and then took a step of its own
+
+    other_layout = DistillConfig(**{**CONFIG.__dict__, "rows": 4})
+    with pytest.raises(ValueError, match="not this run's layout"):
+        distill(model, table, tokens, other_layout, tmp_path / "bad", init=trained)

@@ -4,7 +4,8 @@
                      [--steps-per-version K] [--offline-dump FILE] ...
     lens-trainer dump --out FILE [--redis-url URL]
     lens-trainer gistnet [--model NAME|PATH] [--rows R] [--lod1-steps N] [--lod2-steps M]
-                         [--out DIR] [--resume] [--redis-url URL]
+                         [--tail T] [--horizon H] [--validation-tokens N]
+                         [--out DIR] [--resume | --init DIR] [--redis-url URL]
 
 Every `run` flag is also settable as `LENS_TRAINER_<FLAG>`; flags override the environment."""
 
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     gist.add_argument("--out", type=Path, default=None, help="checkpoint dir (default: "
                       "<models dir>/gistnet/<model>-r<rows>)")  # fmt: skip
     gist.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    gist.add_argument("--init", type=Path, default=None,
+                      help="start from this trained GistNet directory (fine-tune)")  # fmt: skip
     gist.add_argument(
         "--redis-url", default=None, help="publish the result as lens:gistnet:current"
     )
@@ -224,7 +227,18 @@ def _gistnet(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     tokens = training_tokens(model_dir, args.max_tokens)
     table = EmbeddingTable.from_checkpoint(model_dir)
-    result = distill(load_causal_lm(model_dir), table, tokens, config, out, resume=args.resume)
+    try:
+        init = load_gistnet(args.init) if args.init else None
+    except (FileNotFoundError, ValueError) as e:
+        sys.stderr.write(f"lens-trainer: --init: {e}\n")
+        return 2
+    try:
+        result = distill(
+            load_causal_lm(model_dir), table, tokens, config, out, resume=args.resume, init=init
+        )
+    except ValueError as e:  # a config that cannot train: bad --init layout, too little text
+        sys.stderr.write(f"lens-trainer: gistnet: {e}\n")
+        return 2
     recent = result.history[-10:]
     metrics: dict[str, object] = {
         "steps": result.steps,

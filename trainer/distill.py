@@ -1,13 +1,16 @@
 """Distil a `transformer` GistNet through the frozen base model (`lens-trainer gistnet`).
 
-A sample is `[prefix raw tokens][span][horizon raw tokens]`. The teacher reads the span raw; the
-student reads it as gist rows (LOD1: `blocks` blocks in a row, each its own gist; LOD2: one gist of
-`block_size` blocks, gisted twice). Serving shows long runs of gists before the raw tail, so a
-sample should too: one gist inside raw text teaches little about reading thirty in a row. Loss over
-the horizon: KL(teacher || student) of the next-token distributions plus `nll_weight` times the
-NLL of the true tokens. The base model is frozen, so gradients reach only the GistNet. Stage 1
-trains LOD1 for `lod1_steps`, stage 2 LOD2 for `lod2_steps` (the curriculum). New nets start from
-the `tokens` gist of the model's own layout (keywords then separators, `gist_config`).
+A sample is `[prefix raw tokens][span][tail raw tokens][horizon raw tokens]`. The teacher reads
+the span raw; the student reads it as gist rows (LOD1: `blocks` blocks in a row, each its own gist;
+LOD2: one gist of `block_size` blocks, gisted twice). Serving shows long runs of gists before the
+raw tail, so a sample should too: one gist inside raw text teaches little about reading thirty in a
+row. Serving also keeps raw recent tokens after the gists, and the tokens right after a gist are
+the ones it helps most, so a loss that scores them spends the net on what the recent tokens already
+say: `tail` raw tokens are read by both models and scored by neither. Loss over the horizon:
+KL(teacher || student) of the next-token distributions plus `nll_weight` times the NLL of the true
+tokens. The base model is frozen, so gradients reach only the GistNet. Stage 1 trains LOD1 for
+`lod1_steps`, stage 2 LOD2 for `lod2_steps` (the curriculum). New nets start from the `tokens` gist
+of the model's own layout (keywords then separators, `gist_config`), or from a trained net (`init`).
 
 With `validation_tokens`, the stream's last tokens are never trained on: at every checkpoint the
 NLL the gists save over dropping the span is measured on their windows (each LOD the run trains),
@@ -47,8 +50,10 @@ class DistillConfig:
     """LOD1 samples: consecutive blocks replaced by their gists."""
     prefix: int = 64
     """Raw tokens before the gisted span."""
+    tail: int = 0
+    """Raw tokens after the span that both models read and the loss skips (serving's raw tail)."""
     horizon: int = 64
-    """Raw tokens after it, where the two distributions are compared."""
+    """Raw tokens after the tail, where the two distributions are compared."""
     lod1_steps: int = 100
     lod2_steps: int = 0
     batch_size: int = 4
@@ -64,9 +69,14 @@ def span_tokens(config: DistillConfig, lod: int) -> int:
     return config.blocks * config.block_size if lod == 1 else config.block_size**lod
 
 
+def window_tokens(config: DistillConfig, lod: int) -> int:
+    """Length of a sample: prefix + span + tail + horizon."""
+    return config.prefix + span_tokens(config, lod) + config.tail + config.horizon
+
+
 def sample_batch(tokens: torch.Tensor, config: DistillConfig, lod: int, step: int) -> torch.Tensor:
-    """(batch, prefix + span + horizon) windows of the token stream; a function of (seed, step)."""
-    length = config.prefix + span_tokens(config, lod) + config.horizon
+    """(batch, window_tokens) windows of the token stream; a function of (seed, step)."""
+    length = window_tokens(config, lod)
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     starts = torch.randint(0, tokens.numel() - length, (config.batch_size,), generator=generator)
     return torch.stack([tokens[s : s + length] for s in starts.tolist()])  # (N, L)
@@ -90,21 +100,22 @@ def distill_loss(
 
     Also reports `gain_over_dropped`: the horizon's KL with the span dropped minus with it gisted
     (> 0: the gist tells the model more than nothing), and `nll_gain_over_dropped`, the same for
-    the true tokens' NLL. Without a prefix the first horizon token has no context at all when the
-    span is dropped, so those comparisons skip it."""
-    p, s = config.prefix, span_tokens(config, lod)
+    the true tokens' NLL. Without a prefix or tail the first horizon token has no context at all
+    when the span is dropped, so those comparisons skip it."""
+    p, s, t = config.prefix, span_tokens(config, lod), config.tail
     embed = model.get_input_embeddings()
-    target = batch[:, p + s :]  # (N, H)
+    after = batch[:, p + s :]  # (N, T + H) raw tokens after the span
+    target = batch[:, p + s + t :]  # (N, H)
     with torch.no_grad():
-        teacher = model(input_ids=batch).logits[:, p + s - 1 : -1]  # (N, H, V)
+        teacher = model(input_ids=batch).logits[:, p + s + t - 1 : -1]  # (N, H, V)
         log_teacher = teacher.float().log_softmax(-1)
-        dropped_ids = torch.cat([batch[:, :p], target], dim=1)  # (N, P + H)
-        dropped = model(input_ids=dropped_ids).logits[:, max(p - 1, 0) : -1]  # (N, H - skip, V)
-    skip = 1 if p == 0 else 0
+        dropped_ids = torch.cat([batch[:, :p], after], dim=1)  # (N, P + T + H)
+        dropped = model(input_ids=dropped_ids).logits[:, max(p + t - 1, 0) : -1]  # (N, H-skip, V)
+    skip = 1 if p + t == 0 else 0
     rows = gist_rows(net, batch[:, p : p + s], embed, lod)  # (N, R, D)
-    student_in = torch.cat([embed(batch[:, :p]), rows, embed(target)], dim=1)  # (N, P + R + H, D)
+    student_in = torch.cat([embed(batch[:, :p]), rows, embed(after)], dim=1)  # (N, P+R+T+H, D)
     r = rows.shape[1]
-    student = model(inputs_embeds=student_in).logits[:, p + r - 1 : -1]  # (N, H, V)
+    student = model(inputs_embeds=student_in).logits[:, p + r + t - 1 : -1]  # (N, H, V)
     log_student = student.float().log_softmax(-1)
     kl = _kl(log_teacher, log_student)
     nll = F.nll_loss(log_student.flatten(0, 1), target.flatten())
@@ -145,8 +156,8 @@ def new_gistnet(config: DistillConfig, table: EmbeddingTable) -> GistNet:
 
 
 def validation_windows(tokens: torch.Tensor, config: DistillConfig, lod: int) -> torch.Tensor:
-    """(W, prefix + span + horizon) non-overlapping windows of the held-out tail of `tokens`."""
-    length = config.prefix + span_tokens(config, lod) + config.horizon
+    """(W, window_tokens) non-overlapping windows of the held-out end of `tokens`."""
+    length = window_tokens(config, lod)
     held_out = tokens[tokens.numel() - config.validation_tokens :]
     count = held_out.numel() // length
     if count == 0:
@@ -194,9 +205,13 @@ def distill(
     out_dir: Path,
     *,
     resume: bool = False,
+    init: GistNet | None = None,
     on_checkpoint: Callable[[GistNet, int], None] | None = None,
 ) -> DistillResult:
-    """Train (or resume) a GistNet; checkpoint every `checkpoint_every` steps and at the end."""
+    """Train (or resume) a GistNet; checkpoint every `checkpoint_every` steps and at the end.
+
+    `init` starts a new run from a trained net (a fresh optimizer, step 0) instead of the `tokens`
+    layout: fine-tuning under a new objective. Its layout must be the config's."""
     freeze(model)
     state_path = out_dir / STATE_FILE
     best: float | None = None
@@ -207,6 +222,13 @@ def distill(
         best = state.get("best_validation")
     else:
         net, state, step = new_gistnet(config, table), None, 0
+        if init is not None:
+            if dataclasses.replace(init.config, seed=config.seed) != net.config:
+                raise ValueError(
+                    f"init GistNet {init.version} is not this run's layout: {init.config} != "
+                    f"{net.config}"
+                )
+            net.load_state_dict(init.state_dict())
     training = tokens[: tokens.numel() - config.validation_tokens]  # (T - validation,)
     net.train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
