@@ -1,24 +1,24 @@
 """Can the frozen model read the gists? NLL of the next tokens on held-out essays with old text
 dropped, raw, or collapsed to gists of each kind, at several compressions; plus a needle test.
 
-    lens-trainer gistnet --rows 4 --lod1-steps 140 --lod2-steps 8 --batch-size 2 \
-        --prefix 32 --horizon 32            # -> models/gistnet/smollm2-135m-r4
+    lens-trainer gistnet --rows 4 ...       # -> models/gistnet/smollm2-135m-r4 (README)
     lens-trainer gistnet --rows 1 ...       # -> models/gistnet/smollm2-135m-r1
     python bench/gists.py [--windows 8] [--trained-r4 DIR] [--trained-r1 DIR]
 
 A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The old text is
 `dropped` (the recent tokens only), `raw` (the upper bound), or gists of its 32 blocks: `8x` (LOD1,
-4 rows per block: 128 rows), `32x` (LOD1, 1 row: 32 rows), `lod2` (one LOD2 gist of 4 rows). Gist
-kinds at a compression use equal rows; `recency` spends those same rows on more raw recent tokens
-instead (the fair "drop" at equal WC rows), and `excerpt@k` on the old text's raw tokens from
-offset k: what a gist with as many rows could tell the model if its rows were the text itself.
-The needle test puts a fact at the start of the old text and asks for it after the recent text;
-the answer's NLL is reported per condition. Windows differ far more than conditions do, so each
-condition is also reported as its paired per-window difference from `dropped`.
+4 rows per block: 128 rows), `16x` (LOD1, 2 rows: 64), `32x` (LOD1, 1 row: 32 rows), `lod2` (one
+LOD2 gist of 4 rows). Gist kinds at a compression use equal rows; `recency` spends those same rows
+on more raw recent tokens instead (the fair "drop" at equal WC rows), and `excerpt@k` on the old
+text's raw tokens from offset k: what a gist with as many rows could tell the model if its rows
+were the text itself. The needle test puts a fact at the start of the old text and asks for it
+after the recent text; the answer's NLL is reported per condition. Windows differ far more than
+conditions do, so each condition is also reported as its paired per-window difference from
+`dropped`.
 
-`tokens` is the served layout (with 4 rows: 2 keywords, then 2 of the tokenizer's `,`);
-`tokens-unseparated` shows 4 keywords, the layout before separators. Trained gists come from
-`lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
+`tokens` is the served layout (with 4 rows: 2 keywords, then 2 of the tokenizer's `,`; with 2
+rows: a keyword and `,`); `tokens-unseparated` shows only keywords, the layout before separators.
+Trained gists come from `lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
 Writes bench/out/gists.json and bench/out/gists.png; lower NLL is better."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from lens_serve.tree import LifetimeTree
 
 OLD, RECENT, TARGET = 1024, 64, 64
 # compression -> (gist rows per block, tree level shown)
-COMPRESSIONS = {"8x": (4, 1), "32x": (1, 1), "lod2": (4, 2)}
+COMPRESSIONS = {"8x": (4, 1), "16x": (2, 1), "32x": (1, 1), "lod2": (4, 2)}
 EXCERPT_OFFSETS = (0, 256, 512, 768)
 NEEDLE = "Remember this: the secret code word is {word}. "
 QUESTION = " Question: what is the secret code word? Answer: the secret code word is"

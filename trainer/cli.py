@@ -94,9 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     gist.add_argument("--models-dir", type=Path, default=None, help="prepared models root")
     gist.add_argument("--out", type=Path, default=None, help="checkpoint dir (default: "
                       "<models dir>/gistnet/<model>-r<rows>)")  # fmt: skip
-    gist.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    gist.add_argument("--init", type=Path, default=None,
-                      help="start from this trained GistNet directory (fine-tune)")  # fmt: skip
+    start = gist.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    start.add_argument("--init", type=Path, default=None,
+                       help="start from this trained GistNet directory (fine-tune)")  # fmt: skip
     gist.add_argument(
         "--redis-url", default=None, help="publish the result as lens:gistnet:current"
     )
