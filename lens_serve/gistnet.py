@@ -69,7 +69,7 @@ class GistNetConfig:
             raise ValueError(f"rows must divide block_size {self.block_size}, got {self.rows}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
-        if self.separator_id >= 0 and (self.rows < 2 or self.kind == "mean"):
+        if self.separator_id >= 0 and not shows_separator(self.kind, self.rows):
             raise ValueError(
                 f"separator_id needs rows >= 2 and kind tokens or transformer, got rows "
                 f"{self.rows}, kind {self.kind!r}"
@@ -81,13 +81,18 @@ class GistNetConfig:
         return self.rows - self.rows // 2 if self.separator_id >= 0 else self.rows
 
 
+def shows_separator(kind: str, rows: int) -> bool:
+    """Whether a gist of this kind and size has room for a separator after its keywords."""
+    return rows >= 2 and kind != "mean"
+
+
 def gist_config(
     table: EmbeddingTable, kind: GistKind = "tokens", block_size: int = 32, rows: int = 1
 ) -> GistNetConfig:
     """The config for `table`'s model: its width and, for token-based kinds with rows >= 2, its
     `,` as separator."""
     separator = table.separator_id if table.separator_id is not None else -1
-    if rows < 2 or kind == "mean":
+    if not shows_separator(kind, rows):
         separator = -1
     return GistNetConfig(
         kind, block_size, rows, hidden_size=table.hidden_size, separator_id=separator
