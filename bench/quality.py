@@ -2,9 +2,12 @@
 gist kind, against dropping the old text (`recency`) and keeping all of it (`full`).
 
     python bench/quality.py [--windows 6] [--lifetime 4096] [--budget 1024] [--tail 128]
+                            [--gistnet DIR]
 
-Writes bench/out/quality.json; lower NLL is better. A gist kind or policy becomes a default only if
-it is not worse than `recency` here."""
+`--gistnet DIR` adds a trained GistNet (a `lens-trainer gistnet` checkpoint) as gist kind `trained`.
+Each condition is also reported as its paired per-window difference from `recency`. Writes
+bench/out/quality.json; lower NLL is better. A gist kind or policy becomes a default only if it is
+not worse than `recency` here."""
 
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ import torch
 from lens_serve.assembly import assemble
 from lens_serve.demo import held_out_tokens
 from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, build_gistnet, gist_config
+from lens_serve.gistnet import GistKind, GistNet, build_gistnet, gist_config, load_gistnet
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.models import resolve_model
 from lens_serve.policies import ContextChooser
-from lens_serve.scoring import continuation_nll, load_causal_lm
+from lens_serve.scoring import continuation_nll, load_causal_lm, paired_difference
 from lens_serve.tree import LifetimeTree
 
 GIST_KINDS: tuple[GistKind, ...] = ("tokens", "mean")
@@ -37,6 +40,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--tail", type=int, default=128)
     parser.add_argument("--continuation", type=int, default=64)
+    parser.add_argument("--gistnet", type=Path, default=None, help="a trained GistNet checkpoint")
     parser.add_argument("--out", type=Path, default=Path("bench/out/quality.json"))
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
@@ -45,12 +49,17 @@ def main() -> None:
     table = EmbeddingTable.from_checkpoint(model_dir)
     model = load_causal_lm(model_dir)
     chooser = ContextChooser(LensNet(LensNetConfig(hidden_size=table.hidden_size)))
+    nets: dict[str, GistNet] = {
+        kind: build_gistnet(gist_config(table, kind), table) for kind in GIST_KINDS
+    }
+    if args.gistnet is not None:
+        nets["trained"] = load_gistnet(args.gistnet)
     runs: dict[str, list[float]] = {}
     for w in range(args.windows):
         window = ids[w * args.stride : w * args.stride + span]
         context, target = window[: args.lifetime], torch.tensor(window[args.lifetime :])
-        for kind in GIST_KINDS:
-            tree = LifetimeTree(build_gistnet(gist_config(table, kind), table), table)
+        for kind, net in nets.items():
+            tree = LifetimeTree(net, table)
             tree.append(context)
             cases = [("lens", args.budget), ("uniform", args.budget)]
             if kind == "tokens":  # raw-only policies do not depend on the gist kind
@@ -64,11 +73,18 @@ def main() -> None:
     summary = {
         k: {"mean": statistics.mean(v), "median": statistics.median(v)} for k, v in runs.items()
     }
+    paired = {k: paired_difference(v, runs["recency"]) for k, v in runs.items()}
     for name, s in sorted(summary.items(), key=lambda kv: kv[1]["mean"]):
-        print(f"{name:16s} mean {s['mean']:.3f}  median {s['median']:.3f} nats/token")
+        d = paired[name]
+        print(
+            f"{name:16s} mean {s['mean']:.3f}  median {s['median']:.3f} nats/token  vs recency "
+            f"{d['mean']:+.3f} (se {d['se']:.3f}, worse in {d['worse']}/{len(runs[name])})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    args.out.write_text(json.dumps({"config": config, "summary": summary, "runs": runs}, indent=2))
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"}
+    config["versions"] = {kind: net.version for kind, net in nets.items()}
+    report = {"config": config, "summary": summary, "vs_recency": paired, "runs": runs}
+    args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 

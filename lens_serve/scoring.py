@@ -5,6 +5,7 @@ gets, so a policy's NLL here is what the served model would see."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -37,3 +38,12 @@ def continuation_nll(
     n_ctx = context_embeds.shape[0]
     predicting = logits[n_ctx - 1 : -1]  # (n_cont, V): row i predicts continuation token i
     return F.cross_entropy(predicting, continuation_ids.long(), reduction="none")
+
+
+def paired_difference(nll: list[float], baseline: list[float]) -> dict[str, float]:
+    """Per-window NLL minus the baseline's on the same windows (< 0: better): its mean, standard
+    error and how many windows are worse. Windows differ far more from each other than conditions
+    do, so only paired differences say which condition wins."""
+    diffs = [a - b for a, b in zip(nll, baseline, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"mean": statistics.mean(diffs), "se": se, "worse": sum(d > 0 for d in diffs)}
