@@ -11,11 +11,13 @@ A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The ol
 LOD2 gist of 4 rows). Gist kinds at a compression use equal rows; `recency` spends those same rows
 on more raw recent tokens instead (the fair "drop" at equal WC rows), and `excerpt@k` on the old
 text's raw tokens from offset k: what a gist with as many rows could tell the model if its rows
-were the text itself. The needle test puts a fact at the start of the old text and asks for it
-after the recent text; the answer's NLL is reported per condition. Windows differ far more than
-conditions do, so each condition is also reported as its paired per-window difference from
-`dropped`. The default windows overlap by half: 16 windows 1152 apart and 16 more shifted by 576
-disagreed by 0.05 nats/token on `tokens` gists, so one set of 16 is too few to call a sign.
+were the text itself, and `separators` on the tokenizer's `,` alone: what the rows cost with
+nothing in them, which a gist's content must pay back to beat dropping. The needle test puts a
+fact at the start of the old text and asks for it after the recent text; the answer's NLL is
+reported per condition. Windows differ far more than conditions do, so each condition is also
+reported as its paired per-window difference from `dropped`. The default windows overlap by
+half: 16 windows 1152 apart and 16 more shifted by 576 disagreed by 0.05 nats/token on `tokens`
+gists, so one set of 16 is too few to call a sign.
 
 `tokens` is the served layout (with 4 rows: 2 keywords, then 2 of the tokenizer's `,`; with 2
 rows: a keyword and `,`); `tokens-unseparated` shows only keywords, the layout before separators.
@@ -70,6 +72,9 @@ def contexts(
             out[f"{name}/{kind}"] = torch.cat([gist_rows(net, table, old, level), recent_rows])
         n = out[f"{name}/tokens"].shape[0]
         out[f"{name}/recency"] = table(torch.tensor((old + recent)[-n:]))
+        if table.separator_id is not None:
+            separator = table(torch.tensor([table.separator_id]))  # (1, D)
+            out[f"{name}/separators"] = torch.cat([separator.expand(n - RECENT, -1), recent_rows])
         if level == 1:
             for offset in EXCERPT_OFFSETS:
                 excerpt = table(torch.tensor(old[offset : offset + n - RECENT]))

@@ -2,7 +2,7 @@
 gist kind, against dropping the old text (`recency`) and keeping all of it (`full`).
 
     python bench/quality.py [--windows 6] [--lifetime 4096] [--budget 1024] [--tail 128]
-                            [--gistnet DIR]
+                            [--gist-rows 1] [--gistnet DIR]
 
 `--gistnet DIR` adds a trained GistNet (a `lens-trainer gistnet` checkpoint) as gist kind `trained`.
 Each condition is also reported as its paired per-window difference from `recency`. Writes
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--lifetime", type=int, default=4096)
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--tail", type=int, default=128)
+    parser.add_argument("--gist-rows", type=int, default=1, help="rows per gist (LENS_GIST_ROWS)")
     parser.add_argument("--continuation", type=int, default=64)
     parser.add_argument("--gistnet", type=Path, default=None, help="a trained GistNet checkpoint")
     parser.add_argument("--out", type=Path, default=Path("bench/out/quality.json"))
@@ -50,7 +51,8 @@ def main() -> None:
     model = load_causal_lm(model_dir)
     chooser = ContextChooser(LensNet(LensNetConfig(hidden_size=table.hidden_size)))
     nets: dict[str, GistNet] = {
-        kind: build_gistnet(gist_config(table, kind), table) for kind in GIST_KINDS
+        kind: build_gistnet(gist_config(table, kind, rows=args.gist_rows), table)
+        for kind in GIST_KINDS
     }
     if args.gistnet is not None:
         nets["trained"] = load_gistnet(args.gistnet)
