@@ -8,19 +8,23 @@ dropped, raw, or collapsed to gists of each kind, at several compressions; plus 
 A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The old text is
 `dropped` (the recent tokens only), `raw` (the upper bound), or gists of its 32 blocks: `8x` (LOD1,
 4 rows per block: 128 rows), `16x` (LOD1, 2 rows: 64), `32x` (LOD1, 1 row: 32 rows), `lod2` (one
-LOD2 gist of 4 rows). Gist kinds at a compression use equal rows; `recency` spends those same rows
-on more raw recent tokens instead (the fair "drop" at equal WC rows), and `excerpt@k` on the old
-text's raw tokens from offset k: what a gist with as many rows could tell the model if its rows
-were the text itself, and `separators` on the tokenizer's `,` alone: what the rows cost with
-nothing in them, which a gist's content must pay back to beat dropping. The needle test puts a
+LOD2 gist of 4 rows). Gist kinds at a compression use equal rows, plus the 4 rows of the served
+`tokens` layout's frame; `recency` spends the `tokens` rows on more raw recent tokens instead (the
+fair "drop" at equal WC rows), and `excerpt@k` on the old text's raw tokens from offset k: what a
+gist with as many rows could tell the model if its rows were the text itself, and `separators` on
+the `tokens` layout with every gist row the tokenizer's `,`: what the rows cost with nothing in
+them, which a gist's content must pay back to beat dropping. The needle test puts a
 fact at the start of the old text and asks for it after the recent text; the answer's NLL is
 reported per condition. Windows differ far more than conditions do, so each condition is also
 reported as its paired per-window difference from `dropped`. The default windows overlap by
 half: 16 windows 1152 apart and 16 more shifted by 576 disagreed by 0.05 nats/token on `tokens`
 gists, so one set of 16 is too few to call a sign.
 
-`tokens` is the served layout (with 4 rows: 2 keywords, then 2 of the tokenizer's `,`; with 2
-rows: a keyword and `,`); `tokens-unseparated` shows only keywords, the layout before separators.
+`tokens` is the served layout (lens_serve/gistnet.py): a bracketed list, `[` before the first gist
+and ` ...]\n\n` after the last; each gist's keywords then `,` in its last rows // 2 rows (4 rows:
+2 keywords, 2 `,`); a keyword that is a piece of a word shown as `,`. The layouts before it:
+`tokens-unframed` (keywords then `,`, no frame, every piece shown) and `tokens-unseparated`
+(keywords only).
 Trained gists come from `lens-trainer gistnet` checkpoints (`trained` = their `transformer` kind).
 Writes bench/out/gists.json and bench/out/gists.png; lower NLL is better."""
 
@@ -35,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lens_serve.assembly import assemble
+from lens_serve.context import WorkingContext
 from lens_serve.demo import held_out_tokens
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, gist_config, load_gistnet
@@ -52,10 +58,20 @@ WORDS = ("pelican", "sapphire", "lantern", "quartz", "meadow", "trombone", "glac
 
 
 def gist_rows(net: GistNet, table: EmbeddingTable, old: list[int], level: int) -> torch.Tensor:
-    """The old text as a server's tree shows it at `level`: (rows, D)."""
+    """The old text as a server shows it at `level`: its gists and any frame (rows, D)."""
     tree = LifetimeTree(net, table)
     tree.append(old)
-    return tree.gist_embeds(level, np.arange(tree.node_count(level))).flatten(0, 1)
+    nodes = tree.node_count(level)
+    wc = WorkingContext(
+        lods=np.full(nodes, level, dtype=np.int8),
+        starts=np.arange(nodes, dtype=np.int64) * tree.block_size**level,
+        lifetime=len(old),
+        block_size=tree.block_size,
+        gist_rows=tree.gist_rows,
+        policy="bench",
+        frame_rows=tree.frame_rows,
+    )
+    return assemble(tree, wc)
 
 
 def contexts(
@@ -72,9 +88,15 @@ def contexts(
             out[f"{name}/{kind}"] = torch.cat([gist_rows(net, table, old, level), recent_rows])
         n = out[f"{name}/tokens"].shape[0]
         out[f"{name}/recency"] = table(torch.tensor((old + recent)[-n:]))
-        if table.separator_id is not None:
-            separator = table(torch.tensor([table.separator_id]))  # (1, D)
-            out[f"{name}/separators"] = torch.cat([separator.expand(n - RECENT, -1), recent_rows])
+        config = nets[name]["tokens"].config
+        if config.separator_id >= 0:  # the served layout with every gist row a separator
+            frame_open, frame_close = (
+                table(torch.tensor(config.frame_open, dtype=torch.long)),
+                table(torch.tensor(config.frame_close, dtype=torch.long)),
+            )
+            rows = n - RECENT - config.frame_rows
+            separator = table(torch.tensor([config.separator_id])).expand(rows, -1)  # (rows, D)
+            out[f"{name}/separators"] = torch.cat([frame_open, separator, frame_close, recent_rows])
         if level == 1:
             for offset in EXCERPT_OFFSETS:
                 excerpt = table(torch.tensor(old[offset : offset + n - RECENT]))
@@ -89,7 +111,13 @@ def load_nets(table: EmbeddingTable, trained: dict[int, Path]) -> dict[str, dict
             kind: build_gistnet(gist_config(table, kind, rows=rows), table)
             for kind in ("tokens", "mean")
         }
-        if nets[name]["tokens"].config.separator_id >= 0:  # the layout before separators
+        served = nets[name]["tokens"].config
+        if served.frame_rows:  # the layouts before: keywords and separators unframed, then bare
+            if rows >= 2:
+                unframed = GistNetConfig(
+                    rows=rows, hidden_size=table.hidden_size, separator_id=served.separator_id
+                )
+                nets[name]["tokens-unframed"] = build_gistnet(unframed, table)
             plain = GistNetConfig(rows=rows, hidden_size=table.hidden_size)
             nets[name]["tokens-unseparated"] = build_gistnet(plain)
         if rows in trained:

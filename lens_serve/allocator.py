@@ -255,5 +255,5 @@ def _apply(
             units.append(unit)
             new_scores.append(float(scores[p]))
         p += 1
-    new = Tiling(units, tiling.lifetime, tiling.block_size, tiling.gist_rows)
+    new = tiling.with_units(units)
     return new, np.asarray(new_scores, dtype=np.float64), created

@@ -16,10 +16,18 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+# Metadata of config fields added after versions were published: written only when set, so every
+# earlier version keeps its name (the version hashes this json).
+ADDED_LATER = {"added_later": True}
+
 
 def config_json(config: Any) -> str:
     """Canonical json of a config dataclass (sorted keys, so equal configs hash equally)."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+    raw = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        if f.metadata.get("added_later") and raw[f.name] == f.default:
+            del raw[f.name]
+    return json.dumps(raw, sort_keys=True)
 
 
 def weights_bytes(module: torch.nn.Module) -> bytes:

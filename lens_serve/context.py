@@ -2,12 +2,14 @@
 
 A `WorkingContext` is an ordered list of entries (lod, start) tiling a contiguous stretch of the
 timeline that ends at the newest token; an LOD0 entry is one token (one row), an LOD k entry is the
-gist of tree node (k, start // B**k) (`gist_rows` rows). DESIGN §2 lists the invariants;
+gist of tree node (k, start // B**k) (`gist_rows` rows). A WC that holds a gist also takes the
+GistNet's `frame_rows` (tokens around its gists, see gistnet.py). DESIGN §2 lists the invariants;
 `check_invariants` enforces them.
 
 A `Tiling` is the same thing at block granularity, used by the policies that cover the whole
 lifetime: a list of units (lod, index) where lod 0 means block `index` shown raw (B token rows) and
-lod k >= 1 means the gist of node (k, index), plus the raw tokens of the trailing partial block."""
+lod k >= 1 means the gist of node (k, index), plus the raw tokens of the trailing partial block.
+A tiling always counts the frame's rows, so an edit's cost never depends on the other units."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class WorkingContext:
     policy: str
     scores: np.ndarray | None = None  # (E,) float32 LensNet scores, when a LensNet chose it
     lens_version: str = ""
+    frame_rows: int = 0  # rows around the gists, when there are any
 
     @property
     def ends(self) -> np.ndarray:
@@ -54,7 +57,8 @@ class WorkingContext:
 
     @property
     def rows(self) -> int:
-        return int(self.entry_rows.sum())
+        framed = self.frame_rows if bool((self.lods > 0).any()) else 0
+        return int(self.entry_rows.sum()) + framed
 
     @property
     def start(self) -> int:
@@ -144,6 +148,13 @@ class Tiling:
     block_size: int
     gist_rows: int
     scores: list[float] = field(default_factory=list)  # per unit, when a LensNet scored it
+    frame_rows: int = 0
+
+    def with_units(self, units: list[Unit]) -> Tiling:
+        """Another tiling of the same lifetime (no scores)."""
+        return Tiling(
+            units, self.lifetime, self.block_size, self.gist_rows, frame_rows=self.frame_rows
+        )
 
     def unit_rows(self, unit: Unit) -> int:
         return self.block_size if unit[0] == 0 else self.gist_rows
@@ -161,9 +172,8 @@ class Tiling:
     def rows(self) -> int:
         raw_blocks = sum(1 for lod, _ in self.units if lod == 0)
         gists = len(self.units) - raw_blocks
-        return (
-            raw_blocks * self.block_size + gists * self.gist_rows + self.lifetime % self.block_size
-        )
+        loose = self.lifetime % self.block_size
+        return raw_blocks * self.block_size + gists * self.gist_rows + loose + self.frame_rows
 
     def to_working_context(self, policy: str, lens_version: str = "") -> WorkingContext:
         b = self.block_size
@@ -190,6 +200,7 @@ class Tiling:
             policy=policy,
             scores=scores,
             lens_version=lens_version,
+            frame_rows=self.frame_rows,
         )
 
 
@@ -216,20 +227,20 @@ def staircase(start: int, stop: int, top_level: int, block_size: int) -> list[Un
 
 
 def tiling_at_level(
-    lifetime: int, tail: int, top_level: int, block_size: int, gist_rows: int
+    lifetime: int, tail: int, top_level: int, block_size: int, gist_rows: int, frame_rows: int = 0
 ) -> Tiling:
     """Older text as the largest aligned nodes of level <= top_level (>= 1), the rest raw."""
     first_raw = raw_from(lifetime, tail, block_size)
     units = staircase(0, first_raw, max(top_level, 1), block_size)
     units += [(0, i) for i in range(first_raw // block_size, lifetime // block_size)]
-    return Tiling(units, lifetime, block_size, gist_rows)
+    return Tiling(units, lifetime, block_size, gist_rows, frame_rows=frame_rows)
 
 
 def coarsest_tiling(
-    lifetime: int, tail: int, levels: int, block_size: int, gist_rows: int
+    lifetime: int, tail: int, levels: int, block_size: int, gist_rows: int, frame_rows: int = 0
 ) -> Tiling:
     """The fewest-rows whole-lifetime tiling the tree allows; no budget below its rows works."""
-    return tiling_at_level(lifetime, tail, levels, block_size, gist_rows)
+    return tiling_at_level(lifetime, tail, levels, block_size, gist_rows, frame_rows)
 
 
 def expansion_cost(unit: Unit, block_size: int, gist_rows: int) -> int:
@@ -259,14 +270,16 @@ def fill_newest_first(tiling: Tiling, budget: int) -> Tiling:
         else:
             done.append(unit)
     done.reverse()
-    return Tiling(done, tiling.lifetime, b, r)
+    return tiling.with_units(done)
 
 
 def extend_tiling(tiling: Tiling, lifetime: int) -> Tiling:
     """The same choice after the lifetime grew: new complete blocks join as raw units."""
     b = tiling.block_size
     new_blocks = [(0, i) for i in range(tiling.lifetime // b, lifetime // b)]
-    return Tiling(tiling.units + new_blocks, lifetime, b, tiling.gist_rows)
+    return Tiling(
+        tiling.units + new_blocks, lifetime, b, tiling.gist_rows, frame_rows=tiling.frame_rows
+    )
 
 
 def levels_for(lifetime: int, block_size: int) -> int:

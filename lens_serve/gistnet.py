@@ -3,11 +3,13 @@
 One interface, three kinds:
 - `tokens`: training-free. A gist shows the block's own tokens with the highest BPE merge rank (a
   later merge is a longer, rarer piece of text, so it carries more of the block's content), in
-  text order. With a `separator_id` (the model's `,`; `gist_config` sets it when rows >= 2) the
-  last rows // 2 rows are separators: a run of gists then reads as a list of keywords
-  (`liquor predecessors,, addictive accelerating,,`), which a frozen model takes far better than
-  keyword salad (bench/gists.py, 8x: +0.09 nats/token over dropping without, about 0 with). It
-  is the default until a trained GistNet is published.
+  text order. `gist_config` lays them out as a bracketed keyword list a frozen model can read:
+  the last rows // 2 rows are the model's `,` (`separator_id`), a pick that is only a piece of a
+  word shows `,` too (`whole_words`), and the assembly puts `frame_open` before a working
+  context's first gist and `frame_close` after its last. 1-row gists of an essay's blocks read
+  `[ liquor addictive cures, opium,, colloquial, ...]\n\n`.
+  Keyword salad costs a frozen model more than dropping the text; this list costs less at every
+  compression (bench/gists.py). It is the default until a trained GistNet is published.
 - `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
   1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
 - `transformer`: the `tokens` rows plus a learned residual (learned queries attending over the
@@ -21,7 +23,7 @@ token id it shows (-1 for a soft row).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -58,7 +60,13 @@ class GistNetConfig:
     """transformer only: initialisation seed."""
     separator_id: int = -1
     """tokens and transformer: the token shown in the last rows // 2 rows of each gist, after its
-    keywords (-1: none, all rows are keywords). Needs rows >= 2."""
+    keywords (-1: none, all rows are keywords). Needs rows >= 2, or `whole_words`."""
+    whole_words: bool = field(default=False, metadata=checkpoint.ADDED_LATER)
+    """tokens only: a keyword that does not begin a word shows the separator instead."""
+    frame_open: tuple[int, ...] = field(default=(), metadata=checkpoint.ADDED_LATER)
+    """tokens only: token ids shown before a working context's first gist."""
+    frame_close: tuple[int, ...] = field(default=(), metadata=checkpoint.ADDED_LATER)
+    """tokens only: token ids shown after a working context's last gist."""
 
     def __post_init__(self) -> None:
         if self.kind not in GIST_KINDS:
@@ -69,11 +77,25 @@ class GistNetConfig:
             raise ValueError(f"rows must divide block_size {self.block_size}, got {self.rows}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
-        if self.separator_id >= 0 and not shows_separator(self.kind, self.rows):
+        # json gives lists; tuples keep the config hashable and equal to the one it was saved from
+        object.__setattr__(self, "frame_open", tuple(self.frame_open))
+        object.__setattr__(self, "frame_close", tuple(self.frame_close))
+        if self.separator_id >= 0 and not (
+            shows_separator(self.kind, self.rows) or self.whole_words
+        ):
             raise ValueError(
-                f"separator_id needs rows >= 2 and kind tokens or transformer, got rows "
-                f"{self.rows}, kind {self.kind!r}"
+                f"separator_id needs rows >= 2 (or whole_words) and kind tokens or transformer, "
+                f"got rows {self.rows}, kind {self.kind!r}"
             )
+        if self.kind != "tokens" and (self.whole_words or self.frame_open or self.frame_close):
+            raise ValueError(f"whole_words and frames are for kind tokens, got {self.kind!r}")
+        if self.whole_words and self.separator_id < 0:
+            raise ValueError("whole_words needs a separator_id to show in place of word pieces")
+
+    @property
+    def frame_rows(self) -> int:
+        """Rows the frame adds to a working context that holds a gist."""
+        return len(self.frame_open) + len(self.frame_close)
 
     @property
     def keywords(self) -> int:
@@ -89,11 +111,21 @@ def shows_separator(kind: str, rows: int) -> bool:
 def gist_config(
     table: EmbeddingTable, kind: GistKind = "tokens", block_size: int = 32, rows: int = 1
 ) -> GistNetConfig:
-    """The config for `table`'s model: its width and, for token-based kinds with rows >= 2, its
-    `,` as separator."""
-    separator = table.separator_id if table.separator_id is not None else -1
-    if not shows_separator(kind, rows):
-        separator = -1
+    """The config for `table`'s model: its width; for `tokens`, the keyword-list layout its
+    tokenizer allows (module docstring); for `transformer` with rows >= 2, `,` as separator."""
+    marks = table.list_tokens
+    if marks is not None and kind == "tokens":
+        return GistNetConfig(
+            kind,
+            block_size,
+            rows,
+            hidden_size=table.hidden_size,
+            separator_id=marks.separator,
+            whole_words=True,
+            frame_open=marks.opener,
+            frame_close=marks.closer,
+        )
+    separator = marks.separator if marks is not None and shows_separator(kind, rows) else -1
     return GistNetConfig(
         kind, block_size, rows, hidden_size=table.hidden_size, separator_id=separator
     )
@@ -173,6 +205,10 @@ class TokenGistNet(GistNet):
     def from_tokens(self, token_ids: torch.Tensor, table: EmbeddingTable) -> Gists:
         config = self.config
         ids = token_ids.gather(1, _chosen(token_ids, config.keywords, config.separator_id))
+        if config.whole_words:  # (LOD >= 2 gists choose among these, so they are words too)
+            if table.list_tokens is None:
+                raise ValueError("whole_words needs an embedding table with its tokenizer's words")
+            ids = ids.where(table.list_tokens.word_starts[ids], config.separator_id)  # (N, K)
         return self._with_separators(Gists(ids, table(ids)))  # only shown tokens are embedded
 
 

@@ -64,8 +64,8 @@ class ContextChooser:
     ) -> Choice:
         began = time.perf_counter()
         n = tree.lifetime
-        b, r = tree.block_size, tree.gist_rows
-        check_feasible(policy, n, budget, tail, b, r)
+        b, r, f = tree.block_size, tree.gist_rows, tree.frame_rows
+        check_feasible(policy, n, budget, tail, b, r, f)
         focus: FocusState | None = None
         stats: EditStats | None = None
         if policy == "recency":
@@ -73,9 +73,9 @@ class ContextChooser:
         elif policy == "full":
             wc = recency(n, budget, b, r, policy="full")
         else:
-            coarse = coarsest_tiling(n, tail, tree.levels, b, r)
+            coarse = coarsest_tiling(n, tail, tree.levels, b, r, f)
             if policy == "uniform":
-                wc = uniform(n, budget, tail, tree.levels, b, r).to_working_context("uniform")
+                wc = uniform(coarse, budget, tail, tree.levels).to_working_context("uniform")
             elif policy == "random":
                 rng = np.random.default_rng(seed)
                 wc = random_fill(coarse, budget, rng).to_working_context("random")
@@ -125,7 +125,13 @@ class ContextChooser:
 
 
 def check_feasible(
-    policy: str, lifetime: int, budget: int, tail: int, block_size: int, gist_rows: int
+    policy: str,
+    lifetime: int,
+    budget: int,
+    tail: int,
+    block_size: int,
+    gist_rows: int,
+    frame_rows: int = 0,
 ) -> None:
     """Raise InvalidRequest (naming the field) unless `policy` can choose a WC of `budget` rows for
     `lifetime` tokens. Pure arithmetic, so callers can check before writing anything."""
@@ -138,7 +144,7 @@ def check_feasible(
         )
     if policy in ("lens", "uniform", "random"):
         levels = levels_for(lifetime, block_size)
-        needed = coarsest_tiling(lifetime, tail, levels, block_size, gist_rows).rows
+        needed = coarsest_tiling(lifetime, tail, levels, block_size, gist_rows, frame_rows).rows
         if needed > budget:
             raise InvalidRequest(
                 "wc_budget",
@@ -175,13 +181,14 @@ def recency(
     )
 
 
-def uniform(n: int, budget: int, tail: int, levels: int, block_size: int, gist_rows: int) -> Tiling:
-    """The finest single level at which all older text fits (the caller checked the coarsest)."""
+def uniform(coarse: Tiling, budget: int, tail: int, levels: int) -> Tiling:
+    """The finest single level at which all older text fits (the caller checked `coarse`)."""
+    n, b, r = coarse.lifetime, coarse.block_size, coarse.gist_rows
     for level in range(1, levels + 1):
-        tiling = tiling_at_level(n, tail, level, block_size, gist_rows)
+        tiling = tiling_at_level(n, tail, level, b, r, coarse.frame_rows)
         if tiling.rows <= budget:
             return tiling
-    return tiling_at_level(n, tail, max(levels, 1), block_size, gist_rows)
+    return coarse
 
 
 def random_fill(coarse: Tiling, budget: int, rng: np.random.Generator) -> Tiling:
@@ -192,7 +199,7 @@ def random_fill(coarse: Tiling, budget: int, rng: np.random.Generator) -> Tiling
     while True:
         fits = [p for p, u in enumerate(units) if u[0] >= 1 and expansion_cost(u, b, r) <= slack]
         if not fits:
-            return Tiling(units, coarse.lifetime, b, r)
+            return coarse.with_units(units)
         p = fits[int(rng.integers(len(fits)))]
         slack -= expansion_cost(units[p], b, r)
         units[p : p + 1] = children(units[p], b)

@@ -58,7 +58,7 @@ def sample_variant(
     share = 0.0 if guide is None else guided_share
     edits: list[SampledEdit] = []
     for _ in range(n_edits):
-        current = Tiling(units, tiling.lifetime, b, r)
+        current = tiling.with_units(units)
         slack = budget - current.rows
         expands = [p for p, u in enumerate(units) if u[0] >= 1 and expansion_cost(u, b, r) <= slack]
         zeros = np.zeros(len(units))
@@ -85,4 +85,4 @@ def sample_variant(
             units[c.position : c.position + c.length] = [c.parent]
             group = guides[c.position : c.position + c.length]
             guides[c.position : c.position + c.length] = [float(np.mean(group))]
-    return Variant(Tiling(units, tiling.lifetime, b, r), tuple(edits))
+    return Variant(tiling.with_units(units), tuple(edits))

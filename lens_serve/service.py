@@ -506,7 +506,8 @@ class LensService:
     def _precheck(self, lifetime: int, budget: int, policy: str) -> None:
         """Refuse an impossible budget before anything is written (the chooser's own rules)."""
         s = self.settings
-        check_feasible(policy, lifetime, budget, s.tail, s.block_size, s.gist_rows)
+        frame = self._gistnet.config.frame_rows
+        check_feasible(policy, lifetime, budget, s.tail, s.block_size, s.gist_rows, frame)
 
     def _budget(self, wc_budget: int) -> int:
         budget = wc_budget or self.settings.wc_budget

@@ -174,7 +174,8 @@ class ShadowScorer:
             ("served", served, spec_from_working_context(served), [])
         ]
         base = base or fill_newest_first(
-            coarsest_tiling(n, tail, tree.levels, tree.block_size, tree.gist_rows), budget
+            coarsest_tiling(n, tail, tree.levels, tree.block_size, tree.gist_rows, tree.frame_rows),
+            budget,
         )
         counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         rng = np.random.default_rng(seed)

@@ -70,6 +70,7 @@ class LifetimeTree:
         self.table = table
         self.block_size = gistnet.config.block_size
         self.gist_rows = gistnet.config.rows
+        self.frame_rows = gistnet.config.frame_rows
         self._tokens = np.empty(1024, dtype=np.int32)
         self._length = 0
         self._levels: list[_GistLevel] = []  # index k - 1 holds level k

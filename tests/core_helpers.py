@@ -6,19 +6,28 @@ import numpy as np
 import torch
 
 from lens_serve.allocator import FocusConfig
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet
+from lens_serve.embedding import EmbeddingTable, ListTokens
+from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet, gist_config
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.policies import ContextChooser
 from lens_serve.tree import LifetimeTree
 
 HIDDEN = 16
 VOCAB = 512
+LIST_SEPARATOR, LIST_OPENER, LIST_CLOSER = 11, (12,), (13, 14)  # stand for ",", "[", " ...]"
 
 
 def random_table(seed: int = 0) -> EmbeddingTable:
     generator = torch.Generator().manual_seed(seed)
     return EmbeddingTable(torch.randn(VOCAB, HIDDEN, generator=generator))
+
+
+def list_table(seed: int = 0) -> EmbeddingTable:
+    """A random table whose made-up tokenizer lends `tokens` gists a list layout; even ids begin
+    words."""
+    word_starts = torch.arange(VOCAB) % 2 == 0  # (V,)
+    marks = ListTokens(LIST_SEPARATOR, LIST_OPENER, LIST_CLOSER, word_starts)
+    return EmbeddingTable(random_table(seed).weight, marks)
 
 
 def make_tree(
@@ -28,7 +37,9 @@ def make_tree(
     kind: GistKind = "tokens",
     seed: int = 0,
     separator_id: int = -1,
+    listed: bool = False,
 ) -> LifetimeTree:
+    """listed: a `tokens` tree laid out as gist_config does for a real tokenizer (list_table)."""
     config = GistNetConfig(
         kind=kind,
         block_size=block_size,
@@ -37,7 +48,9 @@ def make_tree(
         width=16,
         separator_id=separator_id,
     )
-    table = random_table(seed)
+    table = list_table(seed) if listed else random_table(seed)
+    if listed:
+        config = gist_config(table, kind, block_size, rows)
     tree = LifetimeTree(build_gistnet(config, table), table)
     tree.append(np.random.default_rng(seed).integers(0, VOCAB, lifetime))
     return tree

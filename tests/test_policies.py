@@ -9,12 +9,19 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lens_serve.allocator import FocusConfig, FocusState
-from lens_serve.assembly import assemble, shown_token_ids
+from lens_serve.assembly import assemble, layout, shown_token_ids
 from lens_serve.context import check_invariants, coarsest_tiling
 from lens_serve.errors import InvalidRequest
 from lens_serve.lensnet import LensNet, LensNetConfig
 from lens_serve.policies import POLICIES, ContextChooser
-from tests.core_helpers import HIDDEN, chooser, make_tree, node_counts
+from tests.core_helpers import (
+    HIDDEN,
+    LIST_CLOSER,
+    LIST_OPENER,
+    chooser,
+    make_tree,
+    node_counts,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -28,13 +35,21 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
     rows=st.sampled_from([1, 2]),
     policy=st.sampled_from(POLICIES),
     seed=st.integers(0, 2**16),
+    listed=st.booleans(),
 )
 def test_policy_holds_invariants_for_random_inputs(
-    lifetime: int, budget: int, tail: int, block_size: int, rows: int, policy: str, seed: int
+    lifetime: int,
+    budget: int,
+    tail: int,
+    block_size: int,
+    rows: int,
+    policy: str,
+    seed: int,
+    listed: bool,
 ) -> None:
     assume(tail < budget)
-    tree = make_tree(lifetime, block_size, rows, seed=seed % 7)
-    coarse = coarsest_tiling(lifetime, tail, tree.levels, block_size, rows)
+    tree = make_tree(lifetime, block_size, rows, seed=seed % 7, listed=listed)
+    coarse = coarsest_tiling(lifetime, tail, tree.levels, block_size, rows, tree.frame_rows)
     needs_whole = policy in ("lens", "uniform", "random")
     expect_error = (needs_whole and coarse.rows > budget) or (
         policy == "full" and lifetime > budget
@@ -52,7 +67,7 @@ def test_policy_holds_invariants_for_random_inputs(
     assert embeds.shape == (wc.rows, tree.table.hidden_size)
     # Raw rows are exactly the tokens they stand for.
     shown = shown_token_ids(tree, wc)
-    raw_rows = np.cumsum(wc.entry_rows)[wc.lods == 0] - 1
+    raw_rows = layout(tree, wc).offsets[wc.lods == 0]
     assert np.array_equal(shown[raw_rows], tree.tokens()[wc.starts[wc.lods == 0]])
 
 
@@ -63,11 +78,12 @@ def test_policy_holds_invariants_for_random_inputs(
     budget=st.integers(120, 500),
     tail=st.integers(0, 60),
     seed=st.integers(0, 2**16),
+    listed=st.booleans(),
 )
 def test_lens_policy_continuing_a_session_holds_invariants(
-    lifetime: int, growth: list[int], budget: int, tail: int, seed: int
+    lifetime: int, growth: list[int], budget: int, tail: int, seed: int, listed: bool
 ) -> None:
-    tree = make_tree(lifetime, block_size=4, seed=seed % 5)
+    tree = make_tree(lifetime, block_size=4, seed=seed % 5, listed=listed)
     chooser_ = chooser(seed)
     assume(coarsest_tiling(lifetime + sum(growth), tail, 9, 4, 1).rows <= budget // 2)
     state: FocusState | None = None
@@ -159,3 +175,17 @@ def test_a_fresh_lens_choice_refines_a_deep_span_down_to_raw_tokens() -> None:
     # one revealed, one level further down: four rounds reach the raw tokens.
     assert coarsest_tiling(1024, tail, tree.levels, b, 1).units[0][0] == 4
     assert [lod_of_the_needle(r) for r in (1, 2, 4)] == [3, 2, 0]
+
+
+def test_the_frame_opens_before_the_first_gist_and_closes_after_the_last() -> None:
+    tree = make_tree(600, block_size=4, rows=1, listed=True)
+    wc = chooser().choose(tree, "lens", 120, 16).working_context
+    gists = np.flatnonzero(wc.lods > 0)
+    assert len(gists) and wc.rows == wc.entry_rows.sum() + len(LIST_OPENER) + len(LIST_CLOSER)
+    shown = shown_token_ids(tree, wc)
+    offsets = layout(tree, wc).offsets
+    first, last = offsets[gists[0]], offsets[gists[-1]] + 1
+    assert shown[first - 1] == LIST_OPENER[0] and tuple(shown[last : last + 2]) == LIST_CLOSER
+    assert len(shown) == len(assemble(tree, wc)) == wc.rows
+    everything_raw = chooser().choose(tree, "full", 600, 16).working_context
+    assert everything_raw.rows == 600 and len(shown_token_ids(tree, everything_raw)) == 600

@@ -15,6 +15,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from lens_serve.embedding import EmbeddingTable
 from lens_serve.preferences import PREFS_STREAM, RECORD_FIELD
 from lens_serve.weights import CURRENT_KEY
 from tests.trainer_synthetic import needle_record
@@ -23,9 +24,6 @@ from trainer.config import TrainerSettings
 from trainer.data import read_dump
 from trainer.lock import LOCK_KEY
 
-# The tiny test model's embedding table: records must be built for it.
-TINY_HIDDEN = 256
-TINY_VOCAB = 4096
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,9 +37,10 @@ def sync_redis(redis_url: str) -> Iterator[redis.Redis]:
         client.close()
 
 
-def _fill(client: redis.Redis, n: int) -> None:
+def _fill(client: redis.Redis, n: int, model_dir: Path) -> None:
+    table = EmbeddingTable.from_checkpoint(model_dir)  # records must be built for the tiny model
     for seed in range(n):
-        record = needle_record(seed, hidden=TINY_HIDDEN, vocab=TINY_VOCAB, model="tiny")
+        record = needle_record(seed, table=table, model="tiny")
         client.xadd(PREFS_STREAM, {RECORD_FIELD: record.SerializeToString()})
 
 
@@ -73,7 +72,7 @@ def test_dump_then_offline_run_trains_reports_and_publishes_only_with_redis(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _fill(sync_redis, 48)
+    _fill(sync_redis, 48, tiny_model_dir)
     dump = tmp_path / "prefs.bin"
     assert main(["dump", "--out", str(dump), "--redis-url", redis_url]) == 0
     assert len(read_dump(dump)) == 48
@@ -99,7 +98,7 @@ def test_dump_then_offline_run_trains_reports_and_publishes_only_with_redis(
 def test_run_process_publishes_and_stops_cleanly_on_sigterm(
     sync_redis: redis.Redis, redis_url: str, tiny_model_dir: Path
 ) -> None:
-    _fill(sync_redis, 48)
+    _fill(sync_redis, 48, tiny_model_dir)
     args = [sys.executable, "-m", "trainer", "run", "--redis-url", redis_url]
     args += ["--model", str(tiny_model_dir), "--min-records", "24", "--steps-per-version", "20"]
     args += ["--batch-size", "8", "--lr", "0.003", "--held-out-every", "4"]

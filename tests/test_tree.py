@@ -1,14 +1,31 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GIST_KINDS, GistKind, GistNetConfig, build_gistnet, gist_config
-from tests.core_helpers import HIDDEN, VOCAB, make_tree, random_table
+from lens_serve.checkpoint import config_json
+from lens_serve.gistnet import (
+    GIST_KINDS,
+    GistKind,
+    GistNetConfig,
+    build_gistnet,
+    gist_config,
+    load_gistnet,
+    save_gistnet,
+)
+from tests.core_helpers import (
+    HIDDEN,
+    LIST_SEPARATOR,
+    VOCAB,
+    list_table,
+    make_tree,
+    random_table,
+)
 
 SEPARATOR = 11  # stands for the tokenizer's ","
 
@@ -91,15 +108,54 @@ def test_a_separator_must_be_in_the_embedding_table() -> None:
         build_gistnet(config)
 
 
-def test_gist_config_uses_the_tables_separator_only_where_it_fits() -> None:
-    table = EmbeddingTable(random_table().weight, separator_id=SEPARATOR)
-    assert gist_config(table, rows=4).separator_id == SEPARATOR
-    assert gist_config(table, rows=1).separator_id == -1
-    assert gist_config(table, "mean", rows=4).separator_id == -1
-    assert gist_config(random_table(), rows=4).separator_id == -1  # no tokenizer: none
-    separated = build_gistnet(gist_config(table, rows=4), table)
+def test_gist_config_lays_tokens_gists_out_as_a_list_where_the_tokenizer_allows() -> None:
+    table = list_table()
+    marks = table.list_tokens
+    assert marks is not None
+    for rows in (1, 4):
+        config = gist_config(table, rows=rows)
+        assert config.separator_id == marks.separator and config.whole_words
+        assert (config.frame_open, config.frame_close) == (marks.opener, marks.closer)
+    trained = gist_config(table, "transformer", rows=4)
+    assert trained.separator_id == marks.separator  # its `tokens` base, unframed
+    assert not trained.whole_words and trained.frame_rows == 0
+    assert gist_config(table, "transformer", rows=1).separator_id == -1
+    assert gist_config(table, "mean", rows=4) == GistNetConfig("mean", rows=4, hidden_size=HIDDEN)
+    assert gist_config(random_table(), rows=4) == GistNetConfig(rows=4, hidden_size=HIDDEN)
+    listed = build_gistnet(gist_config(table, rows=4), table)
     plain = build_gistnet(GistNetConfig(rows=4, hidden_size=HIDDEN), table)
-    assert separated.version != plain.version
+    assert listed.version != plain.version
+
+
+def test_a_whole_words_gist_shows_the_separator_for_a_word_piece() -> None:
+    tree = make_tree(0, block_size=4, rows=1, listed=True)
+    # even ids begin words in list_table: block 0's top pick 301 is a piece, block 1's 400 a word
+    tree.append([5, 301, 7, 200] + [9, 8, 400, 6] + [3] * 8)
+    assert (
+        tree.gist_token_ids(1, np.arange(4)).tolist()
+        == [[LIST_SEPARATOR], [400]] + [[LIST_SEPARATOR]] * 2
+    )
+    assert tree.gist_token_ids(2, np.array([0])).tolist() == [[400]]  # never a child's separator
+
+
+def test_whole_words_and_frames_are_for_tokens_gists_with_a_separator() -> None:
+    with pytest.raises(ValueError, match="kind tokens"):
+        GistNetConfig("transformer", rows=2, hidden_size=HIDDEN, separator_id=1, whole_words=True)
+    with pytest.raises(ValueError, match="kind tokens"):
+        GistNetConfig("mean", hidden_size=HIDDEN, frame_open=(1,))
+    with pytest.raises(ValueError, match="separator_id"):
+        GistNetConfig(hidden_size=HIDDEN, whole_words=True)
+
+
+def test_config_fields_added_later_keep_earlier_versions_and_round_trip(tmp_path: Path) -> None:
+    plain = GistNetConfig(rows=2, hidden_size=HIDDEN, separator_id=3)
+    assert "whole_words" not in config_json(plain) and "frame_open" not in config_json(plain)
+    table = list_table()
+    listed = build_gistnet(gist_config(table, rows=2), table)
+    assert '"frame_open": [' in config_json(listed.config)
+    save_gistnet(listed, tmp_path)
+    loaded = load_gistnet(tmp_path)
+    assert loaded.config == listed.config and loaded.version == listed.version
 
 
 def test_mean_gist_is_the_mean_of_its_children() -> None:

@@ -20,7 +20,8 @@ from lens_serve.context import (
     fill_newest_first,
     levels_for,
 )
-from lens_serve.gistnet import GistNetConfig, build_gistnet
+from lens_serve.embedding import EmbeddingTable
+from lens_serve.gistnet import GistNetConfig, build_gistnet, gist_config
 from lens_serve.policies import recency
 from lens_serve.preferences import spec_from_tiling, spec_from_working_context
 from lens_serve.sampler import sample_variant
@@ -35,9 +36,11 @@ NLL_PER_LOD = 0.5
 NLL_PER_ROW = 0.02
 
 
-def gistnet_version(hidden: int = HIDDEN, block_size: int = BLOCK) -> str:
-    config = GistNetConfig(kind="tokens", block_size=block_size, rows=ROWS, hidden_size=hidden)
-    return build_gistnet(config).version
+def gistnet_version(hidden: int = HIDDEN, table: EmbeddingTable | None = None) -> str:
+    """The `tokens` GistNet's version, as a server for `table`'s model (if given) names it."""
+    if table is not None:
+        return build_gistnet(gist_config(table, "tokens", BLOCK, ROWS), table).version
+    return build_gistnet(GistNetConfig(block_size=BLOCK, rows=ROWS, hidden_size=hidden)).version
 
 
 def unit_at(tiling: Tiling, position: int) -> int:
@@ -100,12 +103,13 @@ def record_of(
     budget: int,
     *,
     hidden: int = HIDDEN,
+    table: EmbeddingTable | None = None,
     model: str = "",
     seed: int = 0,
 ) -> pb.PreferenceRecord:
     return pb.PreferenceRecord(
         model=model,
-        gistnet_version=gistnet_version(hidden),
+        gistnet_version=gistnet_version(hidden, table),
         lens_version="lens-synthetic",
         block_size=BLOCK,
         gist_rows=ROWS,
@@ -120,8 +124,14 @@ def record_of(
 
 
 def needle_record(
-    seed: int, *, hidden: int = HIDDEN, vocab: int = VOCAB, model: str = "", n_random: int = 4
+    seed: int,
+    *,
+    table: EmbeddingTable | None = None,
+    model: str = "",
+    n_random: int = 4,
 ) -> pb.PreferenceRecord:
+    """A record for `table`'s model (default: the random tables of tests/core_helpers.py)."""
+    hidden, vocab = (table.hidden_size, table.vocab_size) if table else (HIDDEN, VOCAB)
     rng = np.random.default_rng(seed)
     n = int(rng.integers(160, 320))
     tokens = rng.integers(3, vocab - 1, n)
@@ -144,4 +154,4 @@ def needle_record(
     # Recency spends the whole budget on raw rows and loses the needle entirely.
     recency_nll = BASE_NLL + NLL_PER_LOD * (levels + 1) + NLL_PER_ROW * budget
     variants.append(pb.ShadowVariant(spec=baseline, mean_nll=recency_nll, kind="recency"))
-    return record_of(tokens, variants, budget, hidden=hidden, model=model, seed=seed)
+    return record_of(tokens, variants, budget, hidden=hidden, table=table, model=model, seed=seed)

@@ -601,7 +601,9 @@ class WorkingContext(_message.Message):
     lifetime_tokens: _builtins.int
     """Lifetime tokens the WC was chosen over."""
     rows: _builtins.int
-    """Total rows (sum of span rows); never above `budget`."""
+    """Total rows: the span rows, plus the rows of the GistNet's frame around the gists (`tokens`
+    gists read as a bracketed list; 0 rows without gists); never above `budget`.
+    """
     budget: _builtins.int
     """The budget the WC was chosen under."""
     policy: _builtins.str
