@@ -62,7 +62,7 @@ def span_map(wc: pb.WorkingContext) -> str:
         kind = "raw " if s.lod == 0 else f"LOD{s.lod}"
         lines.append(f"    {kind} tokens [{s.start:>5}, {s.end:>5})  {s.rows:>4} rows")
     if frame := wc.rows - sum(s.rows for s in wc.spans):
-        lines.append(f"    the gists' frame                {frame:>4} rows")
+        lines.append(f"    the gists' frame            {frame:>4} rows")
     return "\n".join(lines)
 
 
