@@ -37,10 +37,6 @@ class EmbeddingTable:
         self.weight = weight  # (V, D), the checkpoint's dtype
         self.list_tokens = list_tokens  # None: no tokenizer known, `tokens` gists are bare
 
-    @property
-    def separator_id(self) -> int | None:
-        return self.list_tokens.separator if self.list_tokens else None
-
     @classmethod
     def from_checkpoint(cls, model_dir: Path) -> EmbeddingTable:
         """Load only the embedding tensor from `model_dir` (single or sharded safetensors)."""

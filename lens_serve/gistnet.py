@@ -12,9 +12,10 @@ One interface, three kinds:
   compression (bench/gists.py). It is the default until a trained GistNet is published.
 - `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
   1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
-- `transformer`: the `tokens` rows plus a learned residual (learned queries attending over the
-  children). The residual's output layer starts at zero, so an untrained net equals `tokens` and
-  distillation through the frozen model (`lens-trainer gistnet`) starts from a safe gist.
+- `transformer`: the `tokens` rows (keywords then separators; no frame, every word piece shown)
+  plus a learned residual (learned queries attending over the children). The residual's output
+  layer starts at zero, so an untrained net equals that `tokens` gist and distillation through the
+  frozen model (`lens-trainer gistnet`) starts from a safe gist.
 
 For LOD1 the children are a block's `block_size` token rows; for LOD k>1 they are the `rows` rows
 of each of `block_size` child gists. Every kind returns `rows` rows per gist plus, per row, the
@@ -246,7 +247,7 @@ class TransformerGistNet(GistNet):
             self.blocks = nn.ModuleList(Block(w, config.heads) for _ in range(config.layers))
             self.norm = nn.LayerNorm(w)
             self.out = nn.Linear(w, config.hidden_size)
-            nn.init.zeros_(self.out.weight)  # step 0 is exactly the `tokens` gist
+            nn.init.zeros_(self.out.weight)  # step 0 is exactly its `tokens` rows
             nn.init.zeros_(self.out.bias)
             # How much of the token rows to keep: one number lets training fade out text
             # fragments that mislead the model (in the README's 360-step run it stayed near 1).

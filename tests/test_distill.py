@@ -10,10 +10,10 @@ import torch
 
 from lens_serve.embedding import EmbeddingTable
 from lens_serve.gistnet import (
+    GistNetConfig,
     TokenGistNet,
     TransformerGistNet,
     build_gistnet,
-    gist_config,
     load_gistnet,
 )
 from lens_serve.scoring import load_causal_lm
@@ -55,9 +55,14 @@ def tokens(model: Any) -> torch.Tensor:
 
 def test_untrained_transformer_gist_equals_the_tokens_gist(table: EmbeddingTable) -> None:
     net = new_gistnet(CONFIG, table)
-    tokens_net = build_gistnet(gist_config(table, "tokens", block_size=8, rows=2), table)
+    assert table.list_tokens is not None
+    separator = table.list_tokens.separator
+    assert net.config.separator_id == separator
+    unframed = GistNetConfig(
+        block_size=8, rows=2, hidden_size=table.hidden_size, separator_id=separator
+    )  # the `tokens` gist a transformer starts from: unframed, every word piece shown
+    tokens_net = build_gistnet(unframed, table)
     assert isinstance(tokens_net, TokenGistNet)
-    assert net.config.separator_id == tokens_net.config.separator_id == table.separator_id
     ids = torch.randint(0, 100, (3, 8))
     embeds = table(ids)
     assert torch.equal(net(ids, embeds).embeds, tokens_net(ids, embeds).embeds)
