@@ -3,7 +3,8 @@ dropped, raw, or collapsed to gists of each kind, at several compressions; plus 
 
     lens-trainer gistnet --rows 4 ...       # -> models/gistnet/smollm2-135m-r4 (README)
     lens-trainer gistnet --rows 1 ...       # -> models/gistnet/smollm2-135m-r1
-    python bench/gists.py [--windows 32] [--stride 576] [--trained-r4 DIR] [--trained-r1 DIR]
+    python bench/gists.py [--windows 32] [--stride 576] [--offset 0] [--trained-r4 DIR]
+                          [--trained-r1 DIR]
 
 A window is [old: 1024 tokens][recent: 64 raw tokens][target: 64 tokens]. The old text is
 `dropped` (the recent tokens only), `raw` (the upper bound), or gists of its 32 blocks: `8x` (LOD1,
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--needles", type=int, default=8)
     parser.add_argument("--stride", type=int, default=576)
+    parser.add_argument(
+        "--offset", type=int, default=0, help="first window's start (other windows, same text)"
+    )
     parser.add_argument("--trained-r4", type=Path, default=None)
     parser.add_argument("--trained-r1", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("bench/out/gists.json"))
@@ -147,7 +151,8 @@ def main() -> None:
         if (path / "gistnet.json").exists()
     }
     span = OLD + RECENT + TARGET
-    ids = held_out_tokens(model_dir, span + args.stride * (args.windows - 1))
+    ids = held_out_tokens(model_dir, args.offset + span + args.stride * (args.windows - 1))
+    ids = ids[args.offset :]
     table = EmbeddingTable.from_checkpoint(model_dir)
     model = load_causal_lm(model_dir)
     nets = load_nets(table, trained)
@@ -172,6 +177,7 @@ def main() -> None:
         )
     report = {
         "config": {"old": OLD, "recent": RECENT, "target": TARGET, "windows": args.windows,
+                   "stride": args.stride, "offset": args.offset,
                    "needles": args.needles, "trained": {str(k): str(v) for k, v in trained.items()},
                    "versions": {f"{c}/{k}": n.version for c, d in nets.items()
                                 for k, n in d.items()}},
