@@ -8,8 +8,9 @@ One interface, three kinds:
   word shows `,` too (`whole_words`), and the assembly puts `frame_open` before a working
   context's first gist and `frame_close` after its last. 1-row gists of an essay's blocks read
   `[ liquor addictive cures, opium,, colloquial, ...]\n\n`.
-  Keyword salad costs a frozen model more than dropping the text; this list costs less at every
-  compression (bench/gists.py). It is the default until a trained GistNet is published.
+  Keyword salad costs a frozen model more than dropping the text; this list is not measurably
+  worse than dropping at any compression (bench/gists.py). It is the default until a trained
+  GistNet is published.
 - `mean`: the naive soft baseline: the mean of the children's embeddings (per row, a contiguous
   1/rows share of them). A frozen model never learned to read these; kept as a measured baseline.
 - `transformer`: the `tokens` rows (keywords then separators; no frame, every word piece shown)
