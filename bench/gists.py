@@ -91,13 +91,10 @@ def contexts(
         out[f"{name}/recency"] = table(torch.tensor((old + recent)[-n:]))
         config = nets[name]["tokens"].config
         if config.separator_id >= 0:  # the served layout with every gist row a separator
-            frame_open, frame_close = (
-                table(torch.tensor(config.frame_open, dtype=torch.long)),
-                table(torch.tensor(config.frame_close, dtype=torch.long)),
-            )
-            rows = n - RECENT - config.frame_rows
-            separator = table(torch.tensor([config.separator_id])).expand(rows, -1)  # (rows, D)
-            out[f"{name}/separators"] = torch.cat([frame_open, separator, frame_close, recent_rows])
+            separators = out[f"{name}/tokens"].clone()  # (n, D): frame, gists, frame, recent
+            gists = slice(len(config.frame_open), n - RECENT - len(config.frame_close))
+            separators[gists] = table(torch.tensor(config.separator_id))
+            out[f"{name}/separators"] = separators
         if level == 1:
             for offset in EXCERPT_OFFSETS:
                 excerpt = table(torch.tensor(old[offset : offset + n - RECENT]))
