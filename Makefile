@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 EXTRA  ?= cpu
-# Keep every compile / model cache inside the project (DESIGN §5).
+# Keep every compile / model cache inside the project (docs/design.md §5).
 export VLLM_CACHE_ROOT          := $(CURDIR)/.cache/vllm
 export TORCHINDUCTOR_CACHE_DIR  := $(CURDIR)/.cache/inductor
 export LENS_MODELS_DIR          ?= $(CURDIR)/models
@@ -48,6 +48,7 @@ check: install
 	$(BIN)/ruff format --check lens_serve trainer tests bench
 	$(BIN)/ruff check lens_serve trainer tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 pytest: install
 	$(BIN)/pytest

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, build_gistnet, gist_config
-from lens_serve.lensnet import LensNet, LensNetConfig
-from lens_serve.models import resolve_model
-from lens_serve.policies import ContextChooser
-from lens_serve.tree import LifetimeTree
+from lens_serve.assets.models import resolve_model
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gist_kinds import GistKind
+from lens_serve.core.gistnet import build_gistnet, gist_config
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.core.policies import ContextChooser
+from lens_serve.core.tree import LifetimeTree
 
 BUDGET, TAIL, TURN_TOKENS = 2048, 128, 64
 

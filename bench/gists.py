@@ -21,7 +21,8 @@ reported as its paired per-window difference from `dropped`. The default windows
 half: 16 windows 1152 apart and 16 more shifted by 576 disagreed by 0.05 nats/token on `tokens`
 gists, so one set of 16 is too few to call a sign.
 
-`tokens` is the served layout (lens_serve/gistnet.py): a bracketed list, `[` before the first gist
+`tokens` is the served layout (lens_serve/core/gistnet.py): a bracketed list, `[` before the
+first gist
 and ` ...]\n\n` after the last; each gist's keywords then `,` in its last rows // 2 rows (4 rows:
 2 keywords, 2 `,`); a keyword that is a piece of a word shown as `,`. The layouts before it:
 `tokens-unframed` (keywords then `,`, no frame, every piece shown) and `tokens-unseparated`
@@ -40,14 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lens_serve.assembly import assemble
-from lens_serve.context import WorkingContext
-from lens_serve.demo import held_out_tokens
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNet, GistNetConfig, build_gistnet, gist_config, load_gistnet
-from lens_serve.models import models_dir, resolve_model
-from lens_serve.scoring import continuation_nll, load_causal_lm, paired_difference
-from lens_serve.tree import LifetimeTree
+from lens_serve.assets.models import models_dir, resolve_model
+from lens_serve.assets.reference import continuation_nll, load_causal_lm, paired_difference
+from lens_serve.core.assembly import assemble
+from lens_serve.core.context import WorkingContext
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gistnet import GistNet, GistNetConfig, build_gistnet, gist_config, load_gistnet
+from lens_serve.core.tree import LifetimeTree
+from lens_serve.tools.demo import held_out_tokens
 
 OLD, RECENT, TARGET = 1024, 64, 64
 # compression -> (gist rows per block, tree level shown)

@@ -39,15 +39,17 @@ import numpy as np
 import torch
 from redis.asyncio import Redis
 
-from lens_serve import corpus, metrics, weights
+from lens_serve import metrics
+from lens_serve.assets import corpus
+from lens_serve.assets.models import resolve_model
 from lens_serve.client import LensClient
-from lens_serve.config import Settings
-from lens_serve.engine import VllmEngine
-from lens_serve.inprocess import Stack, serving_stack
-from lens_serve.lensnet import LensNet, LensNetConfig
-from lens_serve.models import resolve_model
-from lens_serve.preferences import PREFS_STREAM, PreferenceLog, decode_record
-from lens_serve.redis_embedded import EmbeddedRedis
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.engine.vllm import VllmEngine
+from lens_serve.service.config import Settings
+from lens_serve.service.inprocess import Stack, serving_stack
+from lens_serve.store import registry
+from lens_serve.store.embedded import EmbeddedRedis
+from lens_serve.store.preferences import PREFS_STREAM, PreferenceLog, decode_record
 from trainer.data import dump
 
 NAMES = (
@@ -176,7 +178,7 @@ class Traffic:
 
 async def publish_under_probes(
     traffic: Traffic, stack: Stack, args: argparse.Namespace
-) -> tuple[list[weights.PublishedWeights], list[Probe]]:
+) -> tuple[list[registry.PublishedWeights], list[Probe]]:
     """Publish `args.swaps` versions `args.swap_spacing` seconds apart while probes run. Also
     returns when the server itself switched (its loaded version, polled every 5 ms)."""
     stop = time.monotonic() + (args.swaps + 1) * args.swap_spacing
@@ -197,14 +199,14 @@ async def publish_under_probes(
         net = LensNet(LensNetConfig(hidden_size=stack.service.engine.hidden_size, seed=args.seed))
         with torch.no_grad():
             net.head.bias.fill_(1e-3 * (i + 1))  # a new content-addressed version
-        version = await weights.publish(stack.redis, net)
-        published.append(await weights.fetch(stack.redis, version))
+        version = await registry.publish_lensnet(stack.redis, net)
+        published.append(await registry.LENSNET.fetch(stack.redis, version))
     await asyncio.gather(probing, watching)
     return published, switches
 
 
 def swap_latencies(
-    published: Sequence[weights.PublishedWeights], probes: Sequence[Probe]
+    published: Sequence[registry.PublishedWeights], probes: Sequence[Probe]
 ) -> list[float]:
     """Per published version: seconds from publish to the first probe answered by it."""
     out = []
@@ -301,7 +303,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await stack.service.shadow.drain()  # swaps are timed on an otherwise idle engine
                 records = await dump(stack.redis, args.out.with_name("loop_records.bin"))
                 published = sorted(
-                    await weights.list_versions(stack.redis), key=lambda v: v.created_at
+                    await registry.LENSNET.list_versions(stack.redis), key=lambda v: v.created_at
                 )
                 final = stack.service.weights.version
                 # Only `lens` depends on the LensNet version (baselines are seeded and fixed).

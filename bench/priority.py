@@ -1,6 +1,7 @@
 """How long a user request waits behind shadow scoring, per engine step setting.
 
-A shadow worker scores variants back to back at low priority, as `lens_serve.shadow` does: one
+A shadow worker scores variants back to back at low priority, as `lens_serve.shadow.scorer` does:
+one
 teacher-forced request at a time, each `--rows` context rows of fresh text plus `--target` tokens.
 Every `--probe-interval` seconds a probe (a one-row prompt, one generated token, priority 0) is
 sent; its latency is what a user request, and the first response on a newly swapped LensNet,
@@ -29,11 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lens_serve.config import Settings
-from lens_serve.demo import held_out_tokens
-from lens_serve.engine import GenerationParams, VllmEngine
-from lens_serve.models import resolve_model
-from lens_serve.shadow import SHADOW_PRIORITY
+from lens_serve.assets.models import resolve_model
+from lens_serve.engine.protocol import GenerationParams
+from lens_serve.engine.vllm import VllmEngine
+from lens_serve.service.config import Settings
+from lens_serve.shadow.scorer import SHADOW_PRIORITY
+from lens_serve.tools.demo import held_out_tokens
 
 
 def step_limits(setting: str) -> tuple[int | None, int | None]:

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from lens_serve.assembly import assemble
-from lens_serve.demo import held_out_tokens
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNet, build_gistnet, gist_config, load_gistnet
-from lens_serve.lensnet import LensNet, LensNetConfig
-from lens_serve.models import resolve_model
-from lens_serve.policies import ContextChooser
-from lens_serve.scoring import continuation_nll, load_causal_lm, paired_difference
-from lens_serve.tree import LifetimeTree
+from lens_serve.assets.models import resolve_model
+from lens_serve.assets.reference import continuation_nll, load_causal_lm, paired_difference
+from lens_serve.core.assembly import assemble
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gist_kinds import GistKind
+from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config, load_gistnet
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.core.policies import ContextChooser
+from lens_serve.core.tree import LifetimeTree
+from lens_serve.tools.demo import held_out_tokens
 
 GIST_KINDS: tuple[GistKind, ...] = ("tokens", "mean")
 

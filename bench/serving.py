@@ -40,17 +40,17 @@ from typing import Any
 
 import torch
 
-from lens_serve import corpus
-from lens_serve.assembly import assemble
+from lens_serve.assets import corpus
+from lens_serve.assets.models import resolve_model
 from lens_serve.client import LensClient
-from lens_serve.config import Settings
-from lens_serve.engine import VllmEngine
-from lens_serve.gistnet import build_gistnet, gist_config
-from lens_serve.inprocess import Stack, serving_stack
-from lens_serve.models import resolve_model
-from lens_serve.redis_embedded import EmbeddedRedis
-from lens_serve.service import LensService
-from lens_serve.tree import LifetimeTree
+from lens_serve.core.assembly import assemble
+from lens_serve.core.gistnet import build_gistnet, gist_config
+from lens_serve.core.tree import LifetimeTree
+from lens_serve.engine.vllm import VllmEngine
+from lens_serve.service.config import Settings
+from lens_serve.service.inprocess import Stack, serving_stack
+from lens_serve.service.lens_service import LensService
+from lens_serve.store.embedded import EmbeddedRedis
 from lens_serve.v1 import lens_serve_pb2 as pb
 
 PARTS = ("multi_turn", "overhead", "constant_cost")

@@ -2,7 +2,7 @@
 
 import sys
 
-from lens_serve.cli import main
+from lens_serve.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

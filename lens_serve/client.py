@@ -17,18 +17,9 @@ from typing import Self
 import grpc
 import grpc.aio
 
+from lens_serve.policy_names import policy_value
 from lens_serve.v1 import lens_serve_pb2 as pb
 from lens_serve.v1 import lens_serve_pb2_grpc as pb_grpc
-
-POLICIES: dict[str, pb.Policy.ValueType] = {
-    "": pb.POLICY_UNSPECIFIED,  # the server's default (lens)
-    "lens": pb.POLICY_LENS,
-    "recency": pb.POLICY_RECENCY,
-    "uniform": pb.POLICY_UNIFORM,
-    "random": pb.POLICY_RANDOM,
-    "full": pb.POLICY_FULL,
-}
-"""Policy names accepted by the clients (the proto enum without its POLICY_ prefix)."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 """Matches the server's default `max_message_bytes`."""
@@ -39,20 +30,6 @@ DEFAULT_CHUNK_CHARS = 1 << 18
 DEFAULT_CHUNK_TOKENS = 1 << 18
 
 _Metadata = tuple[tuple[str, str], ...]
-
-
-def policy_value(policy: str | int) -> pb.Policy.ValueType:
-    """The Policy enum value of a policy name ("lens", "recency", ...; "" = server default) or of
-    an enum value. Raises ValueError naming `policy` for anything else."""
-    if isinstance(policy, int):
-        if policy not in POLICIES.values():
-            raise ValueError(f"policy: unknown Policy value {policy}")
-        return pb.Policy.ValueType(policy)
-    key = policy.strip().lower().removeprefix("policy_")
-    if key not in POLICIES:
-        names = ", ".join(repr(name) for name in POLICIES if name)
-        raise ValueError(f"policy: unknown policy {policy!r} (choose from {names})")
-    return POLICIES[key]
 
 
 def _auth(token: str | None) -> _Metadata:

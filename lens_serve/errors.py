@@ -39,7 +39,8 @@ class NotReady(LensError):
 
 
 class InvariantViolation(LensError, AssertionError):
-    """A working context broke a DESIGN §2 invariant: a bug in lens-serve, never the client's."""
+    """A working context broke a docs/design.md §2 invariant: a bug in lens-serve, never the
+    client's."""
 
     status = "INTERNAL"
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lens_serve.allocator import FocusConfig
-from lens_serve.embedding import EmbeddingTable, ListTokens
-from lens_serve.gistnet import GistKind, GistNetConfig, build_gistnet, gist_config
-from lens_serve.lensnet import LensNet, LensNetConfig
-from lens_serve.policies import ContextChooser
-from lens_serve.tree import LifetimeTree
+from lens_serve.core.allocator import FocusConfig
+from lens_serve.core.embedding import EmbeddingTable, ListTokens
+from lens_serve.core.gist_kinds import GistKind
+from lens_serve.core.gistnet import GistNetConfig, build_gistnet, gist_config
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.core.policies import ContextChooser
+from lens_serve.core.tree import LifetimeTree
 
 HIDDEN = 16
 VOCAB = 512

@@ -16,10 +16,10 @@ import grpc.aio
 import redis.exceptions
 from grpc_health.v1 import health
 
-from lens_serve.auth import current_owner
-from lens_serve.config import Settings
 from lens_serve.errors import InvalidRequest, NotFound, NotReady, Overloaded
-from lens_serve.server import build_server
+from lens_serve.service.auth import current_owner
+from lens_serve.service.config import Settings
+from lens_serve.service.server import build_server
 from lens_serve.v1 import lens_serve_pb2 as pb
 from lens_serve.v1 import lens_serve_pb2_grpc as pb_grpc
 

@@ -1,5 +1,5 @@
 """FakeEngine: follows the Engine protocol without vLLM, for fast servicer/service unit tests only.
-The real engine is exercised by tests/test_engine.py and the integration tests."""
+The real engine is exercised by tests/engine/test_vllm.py and the integration tests."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 import torch
 
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.engine import EngineStats, GenerationChunk, GenerationParams
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.engine.protocol import EngineStats, GenerationChunk, GenerationParams
 
 
 class FakeEngine:

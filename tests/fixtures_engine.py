@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest_asyncio
 
-from lens_serve.engine import EngineConfig, VllmEngine
+from lens_serve.engine.config import EngineConfig
+from lens_serve.engine.vllm import VllmEngine
 
 
 def tiny_engine_config(model_dir: Path, **overrides: Any) -> EngineConfig:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lens_serve.models import MODELS_DIR_ENV, prepare_model
+from lens_serve.assets.models import MODELS_DIR_ENV, prepare_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

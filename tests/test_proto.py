@@ -1,4 +1,5 @@
-"""The wire contract: committed generated code is fresh, and DESIGN §4 names/numbers/types hold."""
+"""The wire contract: committed generated code is fresh, and docs/design.md §4 names/numbers/types
+hold."""
 
 import os
 import subprocess
@@ -32,7 +33,7 @@ _SCALAR_NAMES = {
 }
 
 # message -> field -> (number, type). "repeated X" for repeated fields; messages and enums by
-# their short name. Exactly the DESIGN §4 minimum fields; messages may carry more.
+# their short name. Exactly the docs/design.md §4 minimum fields; messages may carry more.
 DESIGN_MESSAGES: dict[str, dict[str, tuple[int, str]]] = {
     "SamplingParams": {
         "max_tokens": (1, "uint32"),

@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from lens_serve.allocator import collapse_candidates
-from lens_serve.context import (
+from lens_serve.core.allocator import collapse_candidates
+from lens_serve.core.context import (
     Tiling,
     children,
     coarsest_tiling,
     fill_newest_first,
     levels_for,
 )
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNetConfig, build_gistnet, gist_config
-from lens_serve.policies import recency
-from lens_serve.preferences import spec_from_tiling, spec_from_working_context
-from lens_serve.sampler import sample_variant
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gistnet import GistNetConfig, build_gistnet, gist_config
+from lens_serve.core.policies import recency
+from lens_serve.core.sampler import sample_variant
+from lens_serve.store.preferences import spec_from_tiling, spec_from_working_context
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.core_helpers import HIDDEN, VOCAB
 

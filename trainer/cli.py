@@ -139,8 +139,8 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _run_async(settings: Any) -> int:
     # Imported here so that `--help` and bad flags answer without loading torch.
-    from lens_serve.embedding import EmbeddingTable
-    from lens_serve.models import resolve_model
+    from lens_serve.assets.models import resolve_model
+    from lens_serve.core.embedding import EmbeddingTable
     from trainer.lock import LockLost
     from trainer.loop import Trainer
 
@@ -206,10 +206,10 @@ async def _dump_async(url: str, out: Path) -> int:
 def _gistnet(args: argparse.Namespace) -> int:
     import torch
 
-    from lens_serve.embedding import EmbeddingTable
-    from lens_serve.gistnet import load_gistnet
-    from lens_serve.models import models_dir, resolve_model
-    from lens_serve.scoring import load_causal_lm
+    from lens_serve.assets.models import models_dir, resolve_model
+    from lens_serve.assets.reference import load_causal_lm
+    from lens_serve.core.embedding import EmbeddingTable
+    from lens_serve.core.gistnet import load_gistnet
     from trainer.distill import distill
     from trainer.gist_data import training_tokens
 
@@ -259,7 +259,7 @@ def _gistnet(args: argparse.Namespace) -> int:
         logger.info("best on held-out text: %s in %s, NLL gain over dropped %+.4f",
                     net.version, out / "best", result.best_validation)  # fmt: skip
     if args.redis_url:
-        from lens_serve.gist_store import publish_gistnet
+        from lens_serve.store.registry import publish_gistnet
 
         async def publish() -> str:
             redis = _redis(args.redis_url)

@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from lens_serve.preferences import PREFS_GROUP, PREFS_STREAM, RECORD_FIELD
+from lens_serve.store.preferences import PREFS_GROUP, PREFS_STREAM, RECORD_FIELD
 
 logger = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs installed
 
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistNet, build_gistnet, gist_config, load_gistnet, save_gistnet
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config, load_gistnet, save_gistnet
 
 logger = logging.getLogger(__name__)
 

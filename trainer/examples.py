@@ -1,6 +1,7 @@
 """Preference record -> training example: LensNet inputs per variant and per-unit pair targets.
 
-A record is self-contained (DESIGN §2.5): its token window and GistNet name rebuild the lifetime
+A record is self-contained (docs/design.md §2.5): its token window and GistNet name rebuild the
+lifetime
 tree, and each whole-lifetime variant's spec rebuilds its tiling and so its LensNet inputs. Variants
 that do not cover the lifetime (the `recency` baseline) cannot be scored by LensNet; their NLLs are
 kept for evaluation only.
@@ -38,12 +39,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lens_serve.context import Tiling, Unit
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.gistnet import GistKind, GistNet, build_gistnet, gist_config
-from lens_serve.lensnet import unit_inputs
-from lens_serve.preferences import tiling_from_spec
-from lens_serve.tree import LifetimeTree
+from lens_serve.core.context import Tiling, Unit
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.gist_kinds import GistKind
+from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config
+from lens_serve.core.lensnet import unit_inputs
+from lens_serve.core.tree import LifetimeTree
+from lens_serve.store.preferences import tiling_from_spec
 from lens_serve.v1 import lens_serve_pb2 as pb
 
 # GistNet kinds this trainer rebuilds from the record alone (no weights needed).

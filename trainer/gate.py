@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lens_serve.lensnet import LensNet
+from lens_serve.core.lensnet import LensNet
 from trainer.examples import Example
 from trainer.train import agrees, collate, preference_loss, scores
 

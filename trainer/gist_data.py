@@ -1,5 +1,5 @@
 """Training text for GistNet distillation: the training split of the essays and of Python's
-standard-library sources (`lens_serve.corpus`), tokenized into one stream."""
+standard-library sources (`lens_serve.assets.corpus`), tokenized into one stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lens_serve import corpus
+from lens_serve.assets import corpus
 
 
 def training_tokens(

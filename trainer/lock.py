@@ -17,7 +17,7 @@ import uuid
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from lens_serve.weights import CURRENT_KEY, EVENTS_CHANNEL, WEIGHTS_KEY_PREFIX
+from lens_serve.store.registry import LENSNET
 
 logger = logging.getLogger(__name__)
 
@@ -116,11 +116,11 @@ class TrainerLock:
             _SET_CURRENT,
             3,
             self.key,
-            CURRENT_KEY,
-            f"{WEIGHTS_KEY_PREFIX}{version}",
+            LENSNET.current_key,
+            LENSNET.key(version),
             self.token,
             version,
-            EVENTS_CHANNEL,
+            LENSNET.events_channel,
         )
         if result == -1:
             self.held = False

@@ -35,10 +35,10 @@ import numpy as np
 from redis.asyncio import Redis
 
 from lens_serve.aio import cancel_and_wait
-from lens_serve.embedding import EmbeddingTable
-from lens_serve.lensnet import LensNet, LensNetConfig
-from lens_serve.preferences import parse_record
-from lens_serve.weights import WeightsRejected, current_version, fetch, publish, verify_and_load
+from lens_serve.core.embedding import EmbeddingTable
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.store.preferences import parse_record
+from lens_serve.store.registry import LENSNET, WeightsRejected, publish_lensnet, verify_lensnet
 from trainer.config import TrainerSettings
 from trainer.data import Entry, PreferenceConsumer, read_dump
 from trainer.examples import Example, TargetConfig, example_from_record
@@ -234,7 +234,7 @@ class Trainer:
 
     async def _resume(self) -> None:
         assert self._redis is not None
-        version = await current_version(self._redis)
+        version = await LENSNET.current(self._redis)
         if not version:
             logger.info("no current LensNet: starting from the seeded initial %s", self.net.version)
             return
@@ -253,9 +253,9 @@ class Trainer:
         assert self._redis is not None
         if version in self._unloadable:
             return None, 0
-        published = await fetch(self._redis, version)
+        published = await LENSNET.fetch(self._redis, version)
         try:
-            net = await asyncio.to_thread(verify_and_load, published, self.table.hidden_size)
+            net = await asyncio.to_thread(verify_lensnet, published, self.table.hidden_size)
         except WeightsRejected as e:
             logger.warning("lens:current %s", e)
             self._unloadable.add(version)
@@ -359,7 +359,7 @@ class Trainer:
     async def _follow_external_pin(self) -> bool:
         """If someone pinned or rolled back `lens:current`, continue from that version."""
         assert self._redis is not None
-        version = await current_version(self._redis)
+        version = await LENSNET.current(self._redis)
         if not version or version == self.current_version:
             return False
         net, steps = await self._load_current(version)
@@ -417,7 +417,7 @@ class Trainer:
             "parent": self.current_version,
         }
         metrics = {k: _json_safe(v) for k, v in metrics.items()}
-        version = await publish(
+        version = await publish_lensnet(
             self._redis, self.net, metrics=metrics, parent=self.current_version, make_current=False
         )
         await self.lock.set_current(version)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lens_serve.lensnet import N_FEATURES, LensNet
+from lens_serve.core.lensnet import N_FEATURES, LensNet
 from trainer.examples import Example
 
 

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from lens_serve.config import Settings
-from lens_serve.engine import VllmEngine
-from lens_serve.inprocess import Stack
-from lens_serve.inprocess import serving_stack as _serving_stack
+from lens_serve.engine.vllm import VllmEngine
+from lens_serve.service.config import Settings
+from lens_serve.service.inprocess import Stack
+from lens_serve.service.inprocess import serving_stack as _serving_stack
 
 __all__ = ["BASE_SETTINGS", "Stack", "serving_stack"]
 

@@ -13,7 +13,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from lens_serve.client import LensClient
-from lens_serve.engine import VllmEngine
+from lens_serve.engine.vllm import VllmEngine
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.integration.serving_fixtures import Stack, serving_stack
 

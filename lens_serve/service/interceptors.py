@@ -1,0 +1,280 @@
+"""The one server interceptor: per RPC it authorizes the caller, times the call, and maps errors to
+gRPC status codes. This is the only place that turns exceptions into statuses, so servicers and
+domain code just raise `LensError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from contextlib import aclosing
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+import redis.exceptions
+
+from lens_serve import metrics
+from lens_serve.errors import InvalidRequest, LensError
+from lens_serve.service import auth
+from lens_serve.service.config import Settings
+
+logger = logging.getLogger(__name__)
+
+# Infrastructure failures a client should retry, mapped here rather than wrapped at every call site.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,  # also BusyLoadingError (Redis replaying its AOF)
+    redis.exceptions.TimeoutError,
+)
+_UNAVAILABLE_MESSAGE = "storage (redis) is unavailable; retry later"
+
+# Exceptions that must propagate untouched: an abort already carries its status, and cancellation
+# (client went away, server stopping) must reach asyncio. GeneratorExit closes a stream wrapper.
+_PASS_THROUGH: tuple[type[BaseException], ...] = (
+    grpc.aio.AbortError,
+    asyncio.CancelledError,
+    GeneratorExit,
+)
+
+
+class _Outcome:
+    """The status an RPC ended with, as far as the interceptor can see it."""
+
+    __slots__ = ("code",)
+
+    def __init__(self) -> None:
+        self.code: grpc.StatusCode | None = None
+
+
+class LensInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler (all four arities) so that, in the RPC's own task, the caller is
+    authorized (`auth.current_owner()` works in the handler), the call is timed
+    (`lens_rpc_latency_seconds`), and errors become statuses (counted in `lens_rpc_errors_total`):
+
+    - `LensError` -> its `status`, with its message;
+    - redis connection/timeout errors -> UNAVAILABLE;
+    - `NotImplementedError` -> UNIMPLEMENTED;
+    - `grpc.aio.AbortError`, `asyncio.CancelledError` -> re-raised as they are;
+    - anything else -> logged with the method name, INTERNAL with a generic message and an error id.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
+            return None
+        method = handler_call_details.method
+        if handler.request_streaming and handler.response_streaming:
+            behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        elif handler.request_streaming:
+            behavior, factory = handler.stream_unary, grpc.stream_unary_rpc_method_handler
+        elif handler.response_streaming:
+            behavior, factory = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        else:
+            behavior, factory = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        if behavior is None:
+            return handler
+        # gRPC picks how to drive a streaming handler from its function type (coroutine using
+        # context.write vs. generator), so the wrapper keeps the handler's kind.
+        if not handler.response_streaming or inspect.iscoroutinefunction(behavior):
+            wrapped: Callable[..., Any] = self._wrap_coroutine(method, behavior)
+        else:
+            wrapped = self._wrap_generator(method, behavior)
+        return factory(
+            wrapped,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_coroutine(
+        self, method: str, behavior: Callable[..., Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            outcome = _Outcome()
+            start = time.perf_counter()
+            try:
+                self._authorize(method, context)
+                result = behavior(_checked(request), context)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            except _PASS_THROUGH as exc:
+                outcome.code = _pass_through_code(exc, context)
+                raise
+            except Exception as exc:
+                await _abort(exc, method, context, outcome)
+            finally:
+                _record(method, context, outcome, time.perf_counter() - start)
+
+        return wrapper
+
+    def _wrap_generator(
+        self, method: str, behavior: Callable[..., Any]
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
+        async def wrapper(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            outcome = _Outcome()
+            start = time.perf_counter()
+            try:
+                self._authorize(method, context)
+                async with aclosing(relay(behavior(_checked(request), context))) as responses:
+                    async for response in responses:
+                        yield response
+            except _PASS_THROUGH as exc:
+                outcome.code = _pass_through_code(exc, context)
+                raise
+            except Exception as exc:
+                await _abort(exc, method, context, outcome)
+            finally:
+                _record(method, context, outcome, time.perf_counter() - start)
+
+        return wrapper
+
+    def _authorize(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        owner = auth.authorize(method, context.invocation_metadata(), self._settings)
+        auth.bind_owner(owner)
+
+
+class _Undecodable:
+    """Stands for a request message protobuf could not parse (invalid UTF-8 in a string field,
+    a wrong wire type): gRPC would answer INTERNAL for a deserializer error, but it is bad input."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> InvalidRequest:
+        return InvalidRequest("request", f"cannot decode the message ({self.error})")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # DecodeError and friends: reported per call as INVALID_ARGUMENT
+            return _Undecodable(e)
+
+    return decode
+
+
+def _checked(request: Any) -> Any:
+    """Raise for an undecodable request; for a request stream, when its bad message arrives."""
+    if isinstance(request, _Undecodable):
+        raise request.invalid()
+    if isinstance(request, AsyncIterable):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise request.invalid()
+        yield request
+
+
+async def relay(responses: object) -> AsyncGenerator[Any, None]:
+    """Re-yields what a streaming handler produced, whatever its shape: an async iterable, a plain
+    iterable, or an awaitable (a handler that writes with context.write and returns None).
+
+    Closing the relay closes an async-generator handler at once, in this task, so its own
+    `finally` (e.g. aborting an engine request) runs now rather than later from the GC.
+    """
+    if inspect.isawaitable(responses):
+        await responses
+    elif inspect.isasyncgen(responses):
+        async with aclosing(responses):
+            async for response in responses:
+                yield response
+    elif isinstance(responses, AsyncIterable):
+        async for response in responses:
+            yield response
+    elif isinstance(responses, Iterable):
+        for response in responses:
+            yield response
+    else:
+        raise TypeError(f"a streaming handler returned {type(responses).__name__}")
+
+
+def _pass_through_code(
+    exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
+) -> grpc.StatusCode | None:
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted itself: its code is set
+        return _context_code(context) or grpc.StatusCode.UNKNOWN
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    # GeneratorExit: gRPC stopped reading this stream (the call already ended, e.g. cancelled);
+    # the final status is not visible from here.
+    return None
+
+
+async def _abort(
+    exc: Exception,
+    method: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    outcome: _Outcome,
+) -> NoReturn:
+    """The error -> status mapping: aborts the call (raises grpc.aio.AbortError)."""
+    if isinstance(exc, LensError):
+        code = getattr(grpc.StatusCode, exc.status, None)
+        if not isinstance(code, grpc.StatusCode):
+            logger.error("%s: %s has unknown status %r", method, type(exc).__name__, exc.status)
+            code = grpc.StatusCode.INTERNAL
+        if code is grpc.StatusCode.INTERNAL:
+            logger.exception("%s failed", method)  # our bug, not the client's: keep the traceback
+        else:
+            logger.debug("%s: %s %s", method, code.name, exc)
+        details = str(exc)
+    elif isinstance(exc, _UNAVAILABLE_ERRORS):
+        logger.warning("%s: redis unavailable: %s", method, exc)
+        code, details = grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE_MESSAGE
+    elif isinstance(exc, NotImplementedError):
+        code, details = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+    else:
+        # The id ties the client's report to the log line without exposing internals; 8 hex
+        # digits are plenty to find one line among a day's errors.
+        error_id = uuid.uuid4().hex[:8]
+        logger.exception("%s: unhandled error (error id %s)", method, error_id)
+        code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
+    outcome.code = code
+    await context.abort(code, details)
+
+
+def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    code = context.code()
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+def _record(
+    method: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    outcome: _Outcome,
+    elapsed_s: float,
+) -> None:
+    metrics.RPC_LATENCY_SECONDS.labels(method).observe(elapsed_s)
+    # A handler may also end a call with context.set_code() and a normal return.
+    code = outcome.code if outcome.code is not None else _context_code(context)
+    if code is not None and code is not grpc.StatusCode.OK:
+        metrics.RPC_ERRORS_TOTAL.labels(method, code.name).inc()

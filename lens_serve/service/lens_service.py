@@ -1,0 +1,380 @@
+"""LensServe's domain orchestration: sessions, working contexts, generation and scoring.
+
+No gRPC types here: the servicer converts protos to the inputs in `requests` and back. Every
+request is validated completely (`validation`) before anything is written, so a bad request never
+changes a session. CPU work on trees and LensNet runs in worker threads, never on the event loop.
+`composition.build_service` wires one from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import weakref
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lens_serve import metrics
+from lens_serve.aio import cancel_and_wait
+from lens_serve.core.allocator import FocusState
+from lens_serve.core.assembly import assemble
+from lens_serve.core.context import levels_for
+from lens_serve.core.policies import Choice, ContextChooser
+from lens_serve.core.tree import LifetimeTree
+from lens_serve.engine.protocol import Engine, GenerationParams
+from lens_serve.errors import InvalidRequest
+from lens_serve.service.admission import Admission
+from lens_serve.service.config import Settings
+from lens_serve.service.hot_swap import WeightStore
+from lens_serve.service.prewarm import Prewarmer
+from lens_serve.service.requests import (
+    ContextView,
+    GenerateEvent,
+    GenerateInput,
+    ScoreInput,
+    ScoreResult,
+    Usage,
+)
+from lens_serve.service.tree_cache import CachedSession, TreeCache
+from lens_serve.service.validation import RequestValidator
+from lens_serve.shadow.jobs import build_job
+from lens_serve.shadow.scorer import ShadowScorer
+from lens_serve.store.sessions import SessionFull, SessionInfo, SessionStore
+
+logger = logging.getLogger(__name__)
+
+TreeFactory = Callable[[Sequence[int] | np.ndarray], LifetimeTree]
+"""Builds a lifetime tree over token ids with this server's GistNet and embedding table."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything a request needs from its context, taken under the session lock."""
+
+    embeds: torch.Tensor  # (rows, D)
+    view: ContextView
+    choice: Choice
+    tree: LifetimeTree  # what the choice was made on (positions < its lifetime never change)
+
+
+class LensService:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine: Engine,
+        sessions: SessionStore,
+        weights: WeightStore,
+        make_tree: TreeFactory,
+        gistnet_version: str,
+        validator: RequestValidator,
+        prewarmer: Prewarmer,
+        shadow: ShadowScorer | None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.sessions = sessions
+        self.weights = weights
+        self.shadow = shadow
+        self.gistnet_version = gistnet_version
+        self._make_tree = make_tree
+        self._validate = validator
+        self._prewarmer = prewarmer
+        self._admission = Admission(settings.max_concurrency)
+        self._trees = TreeCache(settings.tree_cache_bytes)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: set[asyncio.Task[None]] = set()  # the watcher and the shadow worker
+
+    def start_background(self) -> None:
+        """Start the LensNet watcher (hot swap) and the shadow worker; `aclose` stops them."""
+        jobs = [self.weights.follow(self.settings.lens_poll_seconds)]
+        if self.shadow is not None:
+            jobs.append(self.shadow.run())
+        for job in jobs:
+            task = asyncio.create_task(job)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        await self._prewarmer.aclose()
+        await cancel_and_wait(self._tasks)
+
+    async def settle_prewarms(self) -> None:
+        """Wait for the next-turn prefills started so far (tests and benchmarks)."""
+        await self._prewarmer.settle()
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    async def create_session(self, owner: str) -> SessionInfo:
+        return await self.sessions.create(owner)
+
+    async def get_session(self, owner: str, session_id: str) -> tuple[SessionInfo, int]:
+        """The session and its number of tree levels."""
+        info = await self.sessions.get(self._validate.session_id(session_id), owner)
+        return info, levels_for(info.lifetime_tokens, self.settings.block_size)
+
+    async def delete_session(self, owner: str, session_id: str) -> None:
+        await self.sessions.delete(self._validate.session_id(session_id), owner)
+        self._trees.drop(session_id)
+
+    async def append(
+        self, owner: str, session_id: str, parts: Sequence[str | Sequence[int]]
+    ) -> tuple[int, int]:
+        """Append text runs (tokenized whole) and token-id runs, in order, as one atomic append.
+        Returns the new lifetime and the number of tokens appended."""
+        ids: list[int] = []
+        for part in parts:
+            ids += (
+                self._validate.encode(part)
+                if isinstance(part, str)
+                else self._validate.token_ids(part, "token_ids")
+            )
+        sid = self._validate.session_id(session_id)
+        async with self._lock(sid):
+            return await self.sessions.append(sid, owner, ids), len(ids)
+
+    # -- working contexts -----------------------------------------------------------------------
+
+    async def working_context(
+        self, owner: str, session_id: str, wc_budget: int, policy: str
+    ) -> ContextView:
+        sid = self._validate.session_id(session_id)
+        budget, policy = self._validate.budget(wc_budget), self._validate.policy(policy)
+        chooser = self.weights.chooser
+        async with self._lock(sid):
+            entry = await self._synced(owner, sid)
+            self._validate.feasible(entry.tree.lifetime, budget, policy)
+            prepared = await self._prepare(
+                chooser, entry.tree, policy=policy, budget=budget, focus=entry.focus
+            )
+        return prepared.view
+
+    # -- generation -----------------------------------------------------------------------------
+
+    async def generate(
+        self, owner: str, request: GenerateInput
+    ) -> AsyncGenerator[GenerateEvent, None]:
+        arrived = time.monotonic()
+        request_id = uuid.uuid4().hex
+        prompt = self._validate.prompt_ids(request)
+        budget, policy = (
+            self._validate.budget(request.wc_budget),
+            self._validate.policy(request.policy),
+        )
+        params = self._validate.params(request.sampling, budget)
+        chooser = self.weights.chooser  # the whole request runs on this LensNet version
+        sid = self._validate.session_id(request.session_id) if request.session_id else ""
+        seed = request.sampling.seed
+        with self._admission.slot():
+            if sid:
+                prepared = await self._prepare_turn(
+                    owner, sid, prompt, budget=budget, policy=policy, params=params,
+                    chooser=chooser, seed=seed,
+                )  # fmt: skip
+            else:
+                self._validate.feasible(len(prompt), budget, policy)
+                tree = await asyncio.to_thread(self._make_tree, prompt)
+                prepared = await self._prepare(
+                    chooser, tree, policy=policy, budget=budget, seed=seed, served=True
+                )
+            completion: list[int] = []
+            cached_rows = 0
+            async for chunk in self.engine.generate(prepared.embeds, params, request_id):
+                if not completion and chunk.token_ids:
+                    metrics.TIME_TO_FIRST_TOKEN_SECONDS.observe(time.monotonic() - arrived)
+                completion += chunk.token_ids
+                cached_rows = max(cached_rows, chunk.cached_rows)
+                if chunk.finish_reason is None:
+                    yield GenerateEvent(request_id, chunk.text, chunk.token_ids)
+                    continue
+                if sid and completion:
+                    async with self._lock(sid):
+                        await self.sessions.append(sid, owner, completion)
+                    if self.settings.prewarm_next_turn:
+                        self._prewarmer.schedule(prepared.embeds, completion)
+                self._maybe_shadow(request_id, sid, policy, prepared, prompt, completion, chooser)
+                metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
+                wc = prepared.view.working_context
+                usage = Usage(
+                    lifetime_tokens=wc.lifetime,
+                    wc_rows=wc.rows,
+                    gist_covered_tokens=wc.gist_covered_tokens,
+                    lens_version=wc.lens_version,
+                    wc_choice_ms=prepared.view.choice_ms,
+                    completion_tokens=len(completion),
+                    cached_rows=cached_rows,
+                    prompt_tokens=len(prompt),
+                    policy=policy,
+                    gistnet_version=prepared.view.gistnet_version,
+                )
+                yield GenerateEvent(
+                    request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage
+                )
+
+    async def _prepare_turn(
+        self,
+        owner: str,
+        sid: str,
+        prompt: list[int],
+        *,
+        budget: int,
+        policy: str,
+        params: GenerationParams,
+        chooser: ContextChooser,
+        seed: int,
+    ) -> _Prepared:
+        """Check, append the prompt to the session, and choose its working context."""
+        async with self._lock(sid):
+            info = await self.sessions.get(sid, owner)
+            lifetime = info.lifetime_tokens + len(prompt)
+            self._validate.feasible(lifetime, budget, policy)
+            limit = self.settings.max_session_tokens
+            if lifetime + params.max_tokens > limit:  # refuse now, not after generating
+                raise SessionFull(sid, info.lifetime_tokens, len(prompt) + params.max_tokens, limit)
+            await self.sessions.append(sid, owner, prompt)
+            entry = await self._synced(owner, sid)
+            prepared = await self._prepare(
+                chooser, entry.tree, policy=policy, budget=budget, seed=seed, focus=entry.focus,
+                served=True,
+            )  # fmt: skip
+            if prepared.choice.focus is not None:
+                entry.focus = prepared.choice.focus  # the session's next turn continues from here
+            return prepared
+
+    def _maybe_shadow(
+        self,
+        request_id: str,
+        sid: str,
+        policy: str,
+        prepared: _Prepared,
+        prompt: list[int],
+        completion: list[int],
+        chooser: ContextChooser,
+    ) -> None:
+        """Leave a shadow job for a sampled request (cheap; the work happens in the background)."""
+        wc = prepared.view.working_context
+        if self.shadow is None or not self.shadow.wants(wc.lifetime):
+            return
+        job = build_job(
+            request_id=request_id,
+            session_id=sid,
+            policy=policy,
+            tree=prepared.tree,
+            served=wc,
+            served_tiling=prepared.choice.focus.tiling if prepared.choice.focus else None,
+            prompt=prompt,
+            completion=completion,
+            budget=prepared.view.budget,
+            tail=self.settings.tail,
+            chooser=chooser,
+            target=self.settings.shadow_target,
+            target_tokens=self.settings.shadow_target_tokens,
+        )
+        if job is not None:
+            self.shadow.submit(job)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    async def score(self, owner: str, request: ScoreInput) -> ScoreResult:
+        v = self._validate
+        context = v.text_or_ids(request.context, request.context_token_ids, "context")
+        target = v.text_or_ids(request.continuation, request.continuation_token_ids, "continuation")
+        if not target:
+            raise InvalidRequest("continuation", "must not be empty")
+        budget, policy = v.budget(request.wc_budget), v.policy(request.policy)
+        if budget + len(target) > self.engine.max_model_len:
+            raise InvalidRequest(
+                "continuation",
+                f"{len(target)} tokens after a {budget}-row context exceed the model's "
+                f"{self.engine.max_model_len} positions",
+            )
+        chooser = self.weights.chooser
+        with self._admission.slot():
+            if request.session_id:
+                sid = v.session_id(request.session_id)
+                async with self._lock(sid):
+                    entry = await self._synced(owner, sid)
+                    v.feasible(entry.tree.lifetime + len(context), budget, policy)
+                    tree, focus = entry.tree, entry.focus
+                    if context:  # the session itself is not modified: score over a copy
+                        tree = await asyncio.to_thread(
+                            self._make_tree, np.concatenate([tree.tokens(), context])
+                        )
+                        focus = None
+                    prepared = await self._prepare(
+                        chooser, tree, policy=policy, budget=budget, focus=focus
+                    )
+            else:
+                if not context:
+                    raise InvalidRequest("context", "must not be empty without a session_id")
+                v.feasible(len(context), budget, policy)
+                tree = await asyncio.to_thread(self._make_tree, context)
+                prepared = await self._prepare(chooser, tree, policy=policy, budget=budget)
+            logprobs = await self.engine.score(prepared.embeds, target, uuid.uuid4().hex)
+        return ScoreResult([-lp for lp in logprobs], list(target), prepared.view)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _prepare(
+        self,
+        chooser: ContextChooser,
+        tree: LifetimeTree,
+        *,
+        policy: str,
+        budget: int,
+        seed: int = 0,
+        focus: FocusState | None = None,
+        served: bool = False,
+    ) -> _Prepared:
+        """Choose and assemble in a worker thread. `served` records metrics for served WCs."""
+        return await asyncio.to_thread(
+            self._choose_and_assemble, chooser, tree, policy, budget, seed, focus, served
+        )
+
+    def _choose_and_assemble(
+        self,
+        chooser: ContextChooser,
+        tree: LifetimeTree,
+        policy: str,
+        budget: int,
+        seed: int,
+        focus: FocusState | None,
+        served: bool,
+    ) -> _Prepared:
+        choice = chooser.choose(tree, policy, budget, self.settings.tail, seed=seed, state=focus)
+        wc = choice.working_context
+        if served:
+            metrics.WC_CHOICE_SECONDS.labels(policy).observe(choice.choice_ms / 1e3)
+            metrics.WC_ROWS.observe(wc.rows)
+            metrics.WC_PROMPT_ROWS_TOTAL.inc(wc.rows)
+            covered = wc.lifetime - wc.start
+            metrics.WC_COMPRESSION_RATIO.observe(covered / max(wc.rows, 1))
+        view = ContextView(wc, budget, tree.gistnet_version, choice.choice_ms)
+        return _Prepared(assemble(tree, wc), view, choice, tree)
+
+    async def _synced(self, owner: str, session_id: str) -> CachedSession:
+        """The session's cached tree, brought up to date with its Redis token log (the source of
+        truth, which other replicas may also append to). Callers hold the session lock."""
+        entry = self._trees.get(session_id)
+        if entry is not None and entry.tree.gistnet_version != self.gistnet_version:
+            entry = None  # built with another GistNet: its gists must not meet this one's
+        if entry is None:
+            tokens = await self.sessions.tokens(session_id, owner)
+            entry = CachedSession(await asyncio.to_thread(self._make_tree, tokens))
+            self._trees.put(session_id, entry)
+            return entry
+        new = await self.sessions.tokens(session_id, owner, start=entry.tree.lifetime)
+        if len(new):
+            await asyncio.to_thread(entry.tree.append, new)
+            self._trees.trim()
+        return entry
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        lock = self._locks.get(session_id)
+        if lock is None:
+            lock = self._locks[session_id] = asyncio.Lock()
+        return lock

@@ -1,0 +1,83 @@
+"""The domain's request and response types: what the servicer converts protos to and from (no gRPC
+types here, so the service can be driven and tested without a server)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lens_serve.core.context import WorkingContext
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    session_id: str = ""
+    prompt: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    wc_budget: int = 0
+    policy: str = ""
+    chat: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    session_id: str = ""
+    context: str = ""
+    context_token_ids: tuple[int, ...] = ()
+    continuation: str = ""
+    continuation_token_ids: tuple[int, ...] = ()
+    wc_budget: int = 0
+    policy: str = ""
+
+
+@dataclass(frozen=True)
+class ContextView:
+    """A chosen working context with what the caller needs to report it."""
+
+    working_context: WorkingContext
+    budget: int
+    gistnet_version: str
+    choice_ms: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    lifetime_tokens: int
+    wc_rows: int
+    gist_covered_tokens: int
+    lens_version: str
+    wc_choice_ms: float
+    completion_tokens: int
+    cached_rows: int
+    prompt_tokens: int
+    policy: str
+    gistnet_version: str
+
+
+@dataclass(frozen=True)
+class GenerateEvent:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str = ""
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    token_nll: list[float]
+    continuation_token_ids: list[int]
+    view: ContextView
+
+    @property
+    def mean_nll(self) -> float:
+        return sum(self.token_nll) / len(self.token_nll)
