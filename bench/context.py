@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gist_kinds import GistKind
 from lens_serve.core.gistnet import build_gistnet, gist_config

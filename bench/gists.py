@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lens_serve.assets.models import models_dir, resolve_model
+from lens_serve.assets.model_dirs import models_dir, resolve_model
 from lens_serve.assets.reference import continuation_nll, load_causal_lm, paired_difference
 from lens_serve.core.assembly import assemble
 from lens_serve.core.context import WorkingContext

@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 
 from lens_serve import metrics
 from lens_serve.assets import corpus
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.client import LensClient
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.engine.vllm import VllmEngine

@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.engine.protocol import GenerationParams
 from lens_serve.engine.vllm import VllmEngine
 from lens_serve.service.config import Settings

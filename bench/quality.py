@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.assets.reference import continuation_nll, load_causal_lm, paired_difference
 from lens_serve.core.assembly import assemble
 from lens_serve.core.embedding import EmbeddingTable

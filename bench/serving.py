@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from lens_serve.assets import corpus
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.client import LensClient
 from lens_serve.core.assembly import assemble
 from lens_serve.core.gistnet import build_gistnet, gist_config

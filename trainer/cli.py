@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _run_async(settings: Any) -> int:
     # Imported here so that `--help` and bad flags answer without loading torch.
-    from lens_serve.assets.models import resolve_model
+    from lens_serve.assets.model_dirs import resolve_model
     from lens_serve.core.embedding import EmbeddingTable
     from trainer.lock import LockLost
     from trainer.loop import Trainer
@@ -206,7 +206,7 @@ async def _dump_async(url: str, out: Path) -> int:
 def _gistnet(args: argparse.Namespace) -> int:
     import torch
 
-    from lens_serve.assets.models import models_dir, resolve_model
+    from lens_serve.assets.model_dirs import models_dir, resolve_model
     from lens_serve.assets.reference import load_causal_lm
     from lens_serve.core.embedding import EmbeddingTable
     from lens_serve.core.gistnet import load_gistnet

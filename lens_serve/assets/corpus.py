@@ -14,7 +14,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
-from lens_serve.assets.models import models_dir
+from lens_serve.assets.model_dirs import models_dir
 
 logger = logging.getLogger(__name__)
 

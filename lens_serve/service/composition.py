@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from redis.asyncio import Redis
 
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.core.allocator import FocusConfig
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config

@@ -291,7 +291,7 @@ async def _load(
     exists."""
     # Heavy imports (torch, vLLM) only here: the CLI has configured logging before they load, and
     # importing this module (tests, `--help`) stays cheap.
-    from lens_serve.assets.models import resolve_model
+    from lens_serve.assets.model_dirs import resolve_model
     from lens_serve.engine.vllm import VllmEngine
     from lens_serve.service.composition import build_service, build_servicers
 

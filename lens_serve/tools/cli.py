@@ -20,8 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from lens_serve.assets import models
+from lens_serve.assets import install, model_dirs
 from lens_serve.log import configure_logging
+from lens_serve.tools.demo_configs import (
+    DEMO_DOC,
+    SERVER_DEMO_DOC,
+    DemoConfig,
+    ServerDemoConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +43,7 @@ def _add_models(subparsers: SubParsers) -> None:
     )
     actions = parser.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
-    names = ", ".join(models.model_names())
+    names = ", ".join(model_dirs.model_names())
     prepare = actions.add_parser(
         "prepare",
         help="build a model directory (idempotent)",
@@ -49,7 +55,7 @@ def _add_models(subparsers: SubParsers) -> None:
         "--seed",
         type=int,
         default=None,
-        help=f"weight seed for random-weight models (default {models.DEFAULT_SEED})",
+        help=f"weight seed for random-weight models (default {install.DEFAULT_SEED})",
     )
     prepare.add_argument(
         "--force", action="store_true", help="rebuild even if a complete build exists"
@@ -67,23 +73,23 @@ def _add_models_dir(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         metavar="DIR",
-        help=f"models root (default ${models.MODELS_DIR_ENV}, else ./models)",
+        help=f"models root (default ${model_dirs.MODELS_DIR_ENV}, else ./models)",
     )
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
-    path = models.prepare_model(args.name, args.models_dir, seed=args.seed, force=args.force)
+    path = install.prepare_model(args.name, args.models_dir, seed=args.seed, force=args.force)
     sys.stdout.write(f"{path}\n")
     return 0
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    root: Path = args.models_dir if args.models_dir is not None else models.models_dir()
-    for name in models.model_names():
-        manifest = models.read_manifest(root / name)
+    root: Path = args.models_dir if args.models_dir is not None else model_dirs.models_dir()
+    for name in model_dirs.model_names():
+        manifest = model_dirs.read_manifest(root / name)
         status = "prepared" if manifest is not None else "not prepared"
         sys.stdout.write(
-            f"{name}\t{status}\t{root / name}\t{models.model_spec(name).description}\n"
+            f"{name}\t{status}\t{root / name}\t{model_dirs.model_spec(name).description}\n"
         )
     return 0
 
@@ -111,26 +117,31 @@ def _add_config_command(
 
 
 def _add_demo(subparsers: SubParsers) -> None:
-    from lens_serve.tools import demo
+    def run(config: DemoConfig) -> None:
+        from lens_serve.tools import demo  # torch and transformers: only when the demo runs
+
+        demo.run(config)
 
     _add_config_command(
         subparsers, "demo", "the working-context core on the real model, no server",
-        demo.__doc__, demo.DemoConfig, demo.run,
+        DEMO_DOC, DemoConfig, run,
     )  # fmt: skip
 
 
 def _add_demo_server(subparsers: SubParsers) -> None:
-    from lens_serve.tools import demo_server
+    def run(config: ServerDemoConfig) -> None:
+        from lens_serve.tools import demo_server
+
+        demo_server.run(config)
 
     _add_config_command(
         subparsers, "demo-server", "serve SmolLM2, ask about a long essay, show the WC map",
-        demo_server.__doc__, demo_server.ServerDemoConfig, demo_server.run,
+        SERVER_DEMO_DOC, ServerDemoConfig, run,
     )  # fmt: skip
 
 
 def _add_serve(subparsers: SubParsers) -> None:
-    # Settings pulls in torch (via gistnet) and the server module pulls in gRPC: both imported only
-    # when this command is built or run.
+    # The server module pulls in gRPC and Redis: imported only when this command is built or run.
     from lens_serve.service.config import Settings
 
     parser = subparsers.add_parser(
@@ -277,9 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except (
-        models.ModelPrepareError,
-        models.ModelNotPreparedError,
-        models.UnknownModelError,
+        model_dirs.ModelPrepareError,
+        model_dirs.ModelNotPreparedError,
+        model_dirs.UnknownModelError,
     ) as exc:
         logger.error("%s", exc)
         return 1

@@ -1,19 +1,15 @@
-"""The core on the real model, end to end, without a server: ingest a long held-out text, choose a
-working context under every policy, and print each span map and the NLL of what comes next.
-
-    lens-serve demo [--model smollm2-135m] [--lifetime 6144] [--budget 1024] [--tail 128]"""
+"""`lens-serve demo`: the core on the real model, without a server (`demo_configs.DEMO_DOC`)."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 import torch
 
 from lens_serve.assets import corpus
-from lens_serve.assets.models import resolve_model
+from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.assets.reference import continuation_nll, load_causal_lm
 from lens_serve.core.assembly import assemble
 from lens_serve.core.context import Span, WorkingContext
@@ -22,16 +18,7 @@ from lens_serve.core.gistnet import build_gistnet, gist_config
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.core.policies import POLICIES, ContextChooser
 from lens_serve.core.tree import LifetimeTree
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    model: str = "smollm2-135m"
-    lifetime: int = 6144
-    budget: int = 1024
-    tail: int = 128
-    continuation: int = 64
-    seed: int = 0
+from lens_serve.tools.demo_configs import DemoConfig
 
 
 def held_out_tokens(model_dir: Path, n_tokens: int) -> list[int]:

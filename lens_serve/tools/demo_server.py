@@ -1,8 +1,5 @@
-"""The real thing, end to end: start `lens-serve serve` on SmolLM2-135M with its embedded Redis,
-ingest a long held-out essay into a session, ask a question about it, stream the answer, and print
-the working-context map (which spans the model saw raw, which as gists).
-
-    lens-serve demo-server [--model smollm2-135m] [--budget 1024]"""
+"""`lens-serve demo-server`: a real server, a long essay, a question and the WC map
+(`demo_configs.SERVER_DEMO_DOC`)."""
 
 from __future__ import annotations
 
@@ -12,24 +9,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from lens_serve.assets import corpus
-from lens_serve.assets.models import models_dir
+from lens_serve.assets.model_dirs import models_dir
 from lens_serve.client import SyncLensClient
+from lens_serve.tools.demo_configs import ServerDemoConfig
 from lens_serve.v1 import lens_serve_pb2 as pb
 
 QUESTION = "In one sentence, what is the essay above about?"
 START_TIMEOUT_S = 300  # a cold vLLM start compiles; seen 30-90 s on 2 CPU cores
-
-
-@dataclass(frozen=True)
-class ServerDemoConfig:
-    model: str = "smollm2-135m"
-    budget: int = 1024
-    max_tokens: int = 64
 
 
 def _start_server(model: str, data_dir: Path) -> tuple[subprocess.Popen[str], str]:

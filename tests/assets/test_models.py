@@ -3,7 +3,6 @@ NLL through `inputs_embeds`, the SmolLM2 GGUF conversion and the command line.""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -17,15 +16,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from lens_serve.assets import models
-from lens_serve.assets.models import (
+from lens_serve.assets import install, model_dirs, smollm2
+from lens_serve.assets.install import prepare_model
+from lens_serve.assets.model_dirs import (
     EMBED_KEY,
     MANIFEST_NAME,
     WEIGHTS_NAME,
     ModelNotPreparedError,
     ModelPrepareError,
     UnknownModelError,
-    prepare_model,
     read_manifest,
     resolve_model,
     verify_model,
@@ -83,19 +82,24 @@ def _nll_pair(model: Any, tokenizer: Any, model_dir: Path) -> tuple[torch.Tensor
 
 
 def test_models_dir_uses_env_when_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(models.MODELS_DIR_ENV, str(tmp_path / "m"))
-    assert models.models_dir() == tmp_path / "m"
+    monkeypatch.setenv(model_dirs.MODELS_DIR_ENV, str(tmp_path / "m"))
+    assert model_dirs.models_dir() == tmp_path / "m"
 
 
 def test_models_dir_defaults_to_cwd_models_when_env_unset(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv(models.MODELS_DIR_ENV, raising=False)
+    monkeypatch.delenv(model_dirs.MODELS_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert models.models_dir() == tmp_path / "models"
+    assert model_dirs.models_dir() == tmp_path / "models"
 
 
 # --------------------------------------------------------------------------- names and resolve
+
+
+def test_every_model_name_has_a_recipe_and_the_catalogue_names_the_wheel() -> None:
+    assert tuple(install._RECIPES) == model_dirs.model_names() == ("tiny", "smollm2-135m")
+    assert smollm2.SMOLLM2_PACKAGE in model_dirs.model_spec("smollm2-135m").description
 
 
 def test_prepare_model_raises_naming_valid_names_when_name_unknown(tmp_path: Path) -> None:
@@ -151,8 +155,7 @@ def test_prepare_returns_existing_build_when_complete(
     def must_not_build(out: Path, root: Path, seed: int) -> dict[str, Any]:
         raise AssertionError("a complete build was rebuilt")
 
-    spec = models.model_spec("tiny")
-    monkeypatch.setitem(models._SPECS, "tiny", dataclasses.replace(spec, build=must_not_build))
+    monkeypatch.setitem(install._RECIPES, "tiny", must_not_build)
     before = (tiny_model_dir / WEIGHTS_NAME).stat().st_mtime_ns
     assert prepare_model("tiny", tiny_model_dir.parent) == tiny_model_dir
     assert (tiny_model_dir / WEIGHTS_NAME).stat().st_mtime_ns == before
@@ -165,8 +168,7 @@ def test_prepare_leaves_no_partial_build_when_build_fails(
         (out / WEIGHTS_NAME).write_bytes(b"partial")
         raise RuntimeError("simulated crash")
 
-    spec = models.model_spec("tiny")
-    monkeypatch.setitem(models._SPECS, "tiny", dataclasses.replace(spec, build=crash))
+    monkeypatch.setitem(install._RECIPES, "tiny", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         prepare_model("tiny", tmp_path)
     assert not (tmp_path / "tiny").exists()
@@ -321,7 +323,7 @@ def test_smollm2_conversion_has_expected_config_and_no_quantization(
         if isinstance(module, torch.nn.Linear):
             assert type(module) is torch.nn.Linear, name
     manifest = verify_model(smollm2_model_dir)
-    assert manifest["source"]["gguf_sha256"] == models.SMOLLM2_GGUF_SHA256
+    assert manifest["source"]["gguf_sha256"] == smollm2.SMOLLM2_GGUF_SHA256
 
 
 @pytest.mark.slow
@@ -395,7 +397,7 @@ def test_cli_exits_with_usage_error_when_command_missing(
 
 
 def test_python_m_lens_serve_runs_the_cli_when_invoked(tmp_path: Path) -> None:
-    env = {**os.environ, models.MODELS_DIR_ENV: str(tmp_path)}
+    env = {**os.environ, model_dirs.MODELS_DIR_ENV: str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-m", "lens_serve", "models", "list"],
         capture_output=True,

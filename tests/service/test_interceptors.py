@@ -45,6 +45,16 @@ def errors_total(method: str, code: str) -> float:
     return value or 0.0
 
 
+async def errors_total_reaches(method: str, code: str, expected: float) -> float:
+    """The counter once it reaches `expected` (or after 2 s). The server records a call's outcome
+    just after it sends the status, so the client can see the status first."""
+    for _ in range(200):
+        if errors_total(method, code) >= expected:
+            break
+        await asyncio.sleep(0.01)
+    return errors_total(method, code)
+
+
 def latency_count(method: str) -> float:
     value = REGISTRY.get_sample_value("lens_rpc_latency_seconds_count", {"method": method})
     return value or 0.0
@@ -76,7 +86,7 @@ async def test_errors_map_to_status_when_handler_raises(
     error = await get_session_error(stub, session_id)
     assert error.code() == code
     assert message in (error.details() or "")
-    assert errors_total(GET_SESSION, code.name) == before + 1
+    assert await errors_total_reaches(GET_SESSION, code.name, before + 1) == before + 1
 
 
 async def test_redis_error_hides_connection_details(stub: pb_grpc.LensServeAsyncStub) -> None:
@@ -100,7 +110,7 @@ async def test_internal_error_hides_exception_text_and_logs_method(
     assert logged, "the unhandled error is logged with the method name"
     assert error_id in logged[0].getMessage()
     assert logged[0].exc_info is not None  # with its traceback
-    assert errors_total(GET_SESSION, "INTERNAL") == before + 1
+    assert await errors_total_reaches(GET_SESSION, "INTERNAL", before + 1) == before + 1
 
 
 async def test_set_code_counted_when_handler_returns_normally(
@@ -109,7 +119,7 @@ async def test_set_code_counted_when_handler_returns_normally(
     before = errors_total(GET_SESSION, "ALREADY_EXISTS")
     error = await get_session_error(stub, "set-code")
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert errors_total(GET_SESSION, "ALREADY_EXISTS") == before + 1
+    assert await errors_total_reaches(GET_SESSION, "ALREADY_EXISTS", before + 1) == before + 1
 
 
 async def test_success_timed_and_not_counted_as_error(stub: pb_grpc.LensServeAsyncStub) -> None:
@@ -145,7 +155,7 @@ async def test_missing_token_unauthenticated_and_handler_not_run(
             pass
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert fake.servicer.observed.generate_requests == []
-    assert errors_total(GENERATE, "UNAUTHENTICATED") == before + 1
+    assert await errors_total_reaches(GENERATE, "UNAUTHENTICATED", before + 1) == before + 1
 
 
 async def test_admin_service_needs_admin_token(fake: FakeServer) -> None:
@@ -185,7 +195,7 @@ async def test_stream_error_midway_keeps_chunks_then_internal(
     assert received == ["t0", "t1"]
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert SECRET_DETAIL not in (caught.value.details() or "")
-    assert errors_total(GENERATE, "INTERNAL") == before + 1
+    assert await errors_total_reaches(GENERATE, "INTERNAL", before + 1) == before + 1
 
 
 async def test_stream_lens_error_midway_maps_status(stub: pb_grpc.LensServeAsyncStub) -> None:
@@ -223,7 +233,7 @@ async def test_stream_cancelled_by_client_handler_sees_cancelled_error(
         if errors_total(GENERATE, "CANCELLED") == before + 1:
             break
         await asyncio.sleep(0.02)
-    assert errors_total(GENERATE, "CANCELLED") == before + 1
+    assert await errors_total_reaches(GENERATE, "CANCELLED", before + 1) == before + 1
 
 
 async def test_client_stream_error_maps_status(

@@ -1,0 +1,65 @@
+"""What both model recipes (assets.tiny, assets.smollm2) share: SmolLM2's ChatML template and
+special-token layout, the bf16 save and the tokenizer checks. Imported by the recipes and by
+assets.install, never the other way round; torch and transformers are imported only when called.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from lens_serve.assets.model_dirs import ModelPrepareError
+
+# ChatML, exactly the template SmolLM2-135M-Instruct ships (also inside its GGUF file).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Special tokens and ids shared by both models (SmolLM2's layout).
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2
+BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
+MAX_POSITIONS = 8192
+
+
+def hf() -> Any:
+    """The transformers module, typed as Any (its classes are untyped for mypy --strict)."""
+    return importlib.import_module("transformers")
+
+
+def save_generation_config(out: Path) -> None:
+    hf().GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
+    ).save_pretrained(out)
+
+
+def check_special_ids(tokenizer: Any) -> None:
+    got = tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+    if got != [0, 1, 2]:
+        raise ModelPrepareError(
+            f"special tokens {SPECIAL_TOKENS} have ids {got}, expected [0, 1, 2]"
+        )
+    if tokenizer.eos_token != IM_END or tokenizer.eos_token_id != EOS_ID:
+        raise ModelPrepareError(f"tokenizer eos is {tokenizer.eos_token!r}, expected {IM_END!r}")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    if not isinstance(rendered, str) or not rendered.endswith(f"{IM_START}assistant\n"):
+        raise ModelPrepareError(f"chat template renders unexpectedly: {rendered!r}")
+
+
+def save_bf16(model: Any, out: Path) -> None:
+    import torch
+
+    model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(out)
+    save_generation_config(out)

@@ -1,0 +1,160 @@
+"""The ``tiny`` recipe: a random-weight Llama (hidden 256, 4 layers) with a 4096-token byte-level
+BPE trained locally on Python's own standard library sources. Weights and tokenizer are
+bit-identical for a given seed, Python and library versions. Builds in a few seconds; for fast
+tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from lens_serve.assets.model_dirs import ModelPrepareError
+from lens_serve.assets.recipe_common import (
+    BOS_ID,
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    EOS_ID,
+    IM_END,
+    IM_START,
+    MAX_POSITIONS,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    check_special_ids,
+    hf,
+    save_bf16,
+)
+
+logger = logging.getLogger(__name__)
+
+TINY_VOCAB = 4096
+TINY_HIDDEN = 256
+TINY_LAYERS = 4
+TINY_HEADS = 4
+TINY_KV_HEADS = 2
+TINY_INTERMEDIATE = 688
+TINY_INIT_STD = 0.02
+TINY_CORPUS_CHARS = 2_000_000  # bounded prefix of the sorted stdlib *.py files
+
+
+def _stdlib_corpus(max_chars: int = TINY_CORPUS_CHARS) -> tuple[list[str], dict[str, Any]]:
+    """A deterministic, bounded prefix of the sorted top-level stdlib ``*.py`` files."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    names: list[str] = []
+    total = 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        names.append(path.name)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if total < max_chars // 4:
+        raise ModelPrepareError(
+            f"found only {total} characters of Python sources in {stdlib}; the tiny tokenizer is "
+            "trained on the standard library sources, which this Python seems to lack"
+        )
+    digest = hashlib.sha256()
+    for name, text in zip(names, texts, strict=True):
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(text.encode("utf-8", errors="surrogatepass"))
+        digest.update(b"\0")
+    info = {
+        "files": len(names),
+        "chars": total,
+        "first": names[0],
+        "last": names[-1],
+        "sha256": digest.hexdigest(),
+    }
+    return texts, info
+
+
+def _train_tiny_tokenizer(texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if tok.get_vocab_size() != TINY_VOCAB:
+        raise ModelPrepareError(
+            f"tiny tokenizer training gave {tok.get_vocab_size()} tokens, expected {TINY_VOCAB}"
+        )
+    return tok
+
+
+def build_tiny(out: Path, root: Path, seed: int) -> dict[str, Any]:
+    del root
+    import torch
+
+    transformers = hf()
+    texts, corpus = _stdlib_corpus()
+    logger.info(
+        "training a %d-token byte-level BPE on %d stdlib files (%d chars)",
+        TINY_VOCAB,
+        corpus["files"],
+        corpus["chars"],
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_train_tiny_tokenizer(texts),
+        bos_token=IM_START,
+        eos_token=IM_END,
+        unk_token=ENDOFTEXT,
+        pad_token=IM_END,
+        model_max_length=MAX_POSITIONS,
+        chat_template=CHATML_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    check_special_ids(tokenizer)
+    tokenizer.save_pretrained(out)
+
+    config = transformers.LlamaConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_INTERMEDIATE,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        hidden_act="silu",
+        initializer_range=TINY_INIT_STD,
+        architectures=["LlamaForCausalLM"],
+    )
+    logger.info("initialising tiny Llama weights from seed %d", seed)
+    model = transformers.LlamaForCausalLM(config)
+    # Explicit initialisation (independent of transformers' own init order): N(0, std) for every
+    # matrix, ones for the norm scales, drawn in sorted parameter-name order from one generator.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.fill_(1.0)
+            elif param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * TINY_INIT_STD)
+            else:
+                raise ModelPrepareError(f"unexpected parameter {pname} of shape {param.shape}")
+    save_bf16(model, out)
+    return {"kind": "random", "init_std": TINY_INIT_STD, "tokenizer_corpus": corpus}
