@@ -127,6 +127,25 @@ def _generate_request(
     return request
 
 
+def _set_query(
+    request: pb.ScoreRequest | pb.GetWorkingContextRequest, query: str | Sequence[int]
+) -> None:
+    if isinstance(query, str):
+        request.query = query
+    else:
+        request.query_token_ids.extend(query)
+
+
+def _working_context_request(
+    session_id: str, *, wc_budget: int, policy: str | int, query: str | Sequence[int]
+) -> pb.GetWorkingContextRequest:
+    request = pb.GetWorkingContextRequest(
+        session_id=session_id, wc_budget=wc_budget, policy=policy_value(policy)
+    )
+    _set_query(request, query)
+    return request
+
+
 def _score_request(
     continuation: str | Sequence[int],
     *,
@@ -134,10 +153,12 @@ def _score_request(
     context: str | Sequence[int],
     wc_budget: int,
     policy: str | int,
+    query: str | Sequence[int],
 ) -> pb.ScoreRequest:
     request = pb.ScoreRequest(
         session_id=session_id or "", wc_budget=wc_budget, policy=policy_value(policy)
     )
+    _set_query(request, query)
     if isinstance(context, str):
         request.context = context
     else:
@@ -280,18 +301,28 @@ class LensClient:
         context: str | Sequence[int] = "",
         wc_budget: int = 0,
         policy: str | int = "lens",
+        query: str | Sequence[int] = "",
     ) -> pb.ScoreResponse:
-        """Teacher-forced NLL of `continuation` after the session's lifetime and `context`."""
+        """Teacher-forced NLL of `continuation` after the session's lifetime and `context`, with
+        the working context chosen for `query` (default: the newest tokens)."""
         request = _score_request(
-            continuation, session_id=session_id, context=context, wc_budget=wc_budget, policy=policy
-        )
+            continuation, session_id=session_id, context=context, wc_budget=wc_budget,
+            policy=policy, query=query,
+        )  # fmt: skip
         return await self._stub.Score(request, metadata=self._metadata, timeout=self._timeout)
 
     async def working_context(
-        self, session_id: str, *, wc_budget: int = 0, policy: str | int = "lens"
+        self,
+        session_id: str,
+        *,
+        wc_budget: int = 0,
+        policy: str | int = "lens",
+        query: str | Sequence[int] = "",
     ) -> pb.WorkingContext:
-        request = pb.GetWorkingContextRequest(
-            session_id=session_id, wc_budget=wc_budget, policy=policy_value(policy)
+        """The working context the server would use now for `query` (default: the newest
+        tokens)."""
+        request = _working_context_request(
+            session_id, wc_budget=wc_budget, policy=policy, query=query
         )
         return await self._stub.GetWorkingContext(
             request, metadata=self._metadata, timeout=self._timeout
@@ -432,17 +463,24 @@ class SyncLensClient:
         context: str | Sequence[int] = "",
         wc_budget: int = 0,
         policy: str | int = "lens",
+        query: str | Sequence[int] = "",
     ) -> pb.ScoreResponse:
         request = _score_request(
-            continuation, session_id=session_id, context=context, wc_budget=wc_budget, policy=policy
-        )
+            continuation, session_id=session_id, context=context, wc_budget=wc_budget,
+            policy=policy, query=query,
+        )  # fmt: skip
         return self._stub.Score(request, metadata=self._metadata, timeout=self._timeout)
 
     def working_context(
-        self, session_id: str, *, wc_budget: int = 0, policy: str | int = "lens"
+        self,
+        session_id: str,
+        *,
+        wc_budget: int = 0,
+        policy: str | int = "lens",
+        query: str | Sequence[int] = "",
     ) -> pb.WorkingContext:
-        request = pb.GetWorkingContextRequest(
-            session_id=session_id, wc_budget=wc_budget, policy=policy_value(policy)
+        request = _working_context_request(
+            session_id, wc_budget=wc_budget, policy=policy, query=query
         )
         return self._stub.GetWorkingContext(request, metadata=self._metadata, timeout=self._timeout)
 

@@ -11,6 +11,7 @@ from lens_serve.core.gist_kinds import GistKind
 from lens_serve.core.gistnet import GistNetConfig, build_gistnet, gist_config
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.core.policies import ContextChooser
+from lens_serve.core.retrieval import RetrievalConfig
 from lens_serve.core.tree import LifetimeTree
 
 HIDDEN = 16
@@ -67,8 +68,14 @@ def random_lensnet(seed: int) -> LensNet:
     return net
 
 
-def chooser(seed: int = 0, focus: FocusConfig | None = None) -> ContextChooser:
-    return ContextChooser(random_lensnet(seed), focus)
+def chooser(
+    seed: int = 0, focus: FocusConfig | None = None, retrieval: RetrievalConfig | None = None
+) -> ContextChooser:
+    return ContextChooser(random_lensnet(seed), focus, retrieval)
+
+
+NO_RETRIEVAL = RetrievalConfig(blocks=0)
+"""For tests of the allocator alone: no retrieval prior, no recalls."""
 
 
 def node_counts(tree: LifetimeTree) -> list[int]:

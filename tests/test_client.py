@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from lens_serve.client import LensClient, SyncLensClient
-from lens_serve.policy_names import policy_value
 from lens_serve.service import auth
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.fake_servicers import FakeServer, make_settings, running_fake_server
@@ -30,29 +29,6 @@ async def fake() -> AsyncIterator[FakeServer]:
 async def client(fake: FakeServer) -> AsyncIterator[LensClient]:
     async with LensClient(fake.target, token=TOKEN, admin_token=ADMIN_TOKEN) as c:
         yield c
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [
-        ("lens", pb.POLICY_LENS),
-        ("recency", pb.POLICY_RECENCY),
-        ("UNIFORM", pb.POLICY_UNIFORM),
-        ("random", pb.POLICY_RANDOM),
-        ("full", pb.POLICY_FULL),
-        ("POLICY_FULL", pb.POLICY_FULL),
-        ("", pb.POLICY_UNSPECIFIED),
-    ],
-)
-def test_policy_value_maps_names(name: str, value: int) -> None:
-    assert policy_value(name) == value
-
-
-def test_policy_value_unknown_raises_naming_policy() -> None:
-    with pytest.raises(ValueError, match=r"^policy: unknown policy 'smart'"):
-        policy_value("smart")
-    with pytest.raises(ValueError, match=r"^policy:"):
-        policy_value(99)
 
 
 async def test_client_sends_bearer_token(client: LensClient) -> None:

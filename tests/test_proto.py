@@ -79,6 +79,8 @@ DESIGN_MESSAGES: dict[str, dict[str, tuple[int, str]]] = {
         "continuation": (3, "string"),
         "wc_budget": (4, "uint32"),
         "policy": (5, "Policy"),
+        "query": (8, "string"),
+        "query_token_ids": (9, "repeated int32"),
     },
     "ScoreResponse": {
         "mean_nll": (1, "double"),
@@ -89,6 +91,8 @@ DESIGN_MESSAGES: dict[str, dict[str, tuple[int, str]]] = {
         "session_id": (1, "string"),
         "wc_budget": (2, "uint32"),
         "policy": (3, "Policy"),
+        "query": (4, "string"),
+        "query_token_ids": (5, "repeated int32"),
     },
     "Span": {
         "start": (1, "uint64"),
@@ -226,6 +230,7 @@ def test_policy_enum_has_design_values_when_described() -> None:
         "POLICY_UNIFORM": 3,
         "POLICY_RANDOM": 4,
         "POLICY_FULL": 5,
+        "POLICY_RETRIEVAL": 6,
     }
 
 

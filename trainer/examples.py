@@ -43,7 +43,8 @@ from lens_serve.core.context import Tiling, Unit
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gist_kinds import GistKind
 from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config
-from lens_serve.core.lensnet import unit_inputs
+from lens_serve.core.lensnet import default_query, unit_inputs
+from lens_serve.core.retrieval import RetrievalConfig, prior_scores, retrieved_blocks
 from lens_serve.core.tree import LifetimeTree
 from lens_serve.store.preferences import tiling_from_spec
 from lens_serve.v1 import lens_serve_pb2 as pb
@@ -103,6 +104,8 @@ class Example:
     content: torch.Tensor  # (N, D) float16: mean row embedding of each distinct unit
     lods: torch.Tensor  # (N,) int64
     features: torch.Tensor  # (N, F) float32
+    prior: torch.Tensor  # (N,) float32: the retrieval prior's score of each unit (lens = prior +
+    # LensNet's residual, so the residual is what training fits)
     variants: list[VariantExample]
     pairs: list[Pair]
     reference: int  # the served variant (else the first whole-lifetime one)
@@ -186,6 +189,12 @@ def example_from_record(
         tree.append(np.asarray(record.lifetime_token_ids, dtype=np.int64))
     except ValueError as e:
         raise RecordError(f"lifetime_token_ids: {e}") from e
+    # The query the served WC was chosen for; records written before it was recorded: the newest
+    # tokens, which is what their servers used.
+    query = np.asarray(record.query_token_ids, dtype=np.int64) if record.query_token_ids else None
+    blocks = retrieved_blocks(
+        tree, default_query(tree) if query is None else query, record.tail, RetrievalConfig()
+    )
 
     tilings: list[Tiling] = []
     variants: list[VariantExample] = []
@@ -194,6 +203,7 @@ def example_from_record(
     content: list[torch.Tensor] = []
     lods: list[torch.Tensor] = []
     features: list[torch.Tensor] = []
+    prior: list[float] = []
     for v in record.variants:
         if not math.isfinite(v.mean_nll):
             raise RecordError(f"variant {v.kind!r}: NLL {v.mean_nll} is not finite")
@@ -206,8 +216,9 @@ def example_from_record(
             continue
         if any(lod > tree.levels for lod, _ in tiling.units):
             raise RecordError(f"variant {v.kind!r}: a gist above the tree's top level")
-        inputs = unit_inputs(tree, tiling, record.tail)  # U' = units (+ the partial block)
+        inputs = unit_inputs(tree, tiling, record.tail, query)  # U' = units (+ partial block)
         keys = [*tiling.units, _PARTIAL][: len(inputs)]
+        unit_prior = [*prior_scores(tiling, blocks).tolist(), 0.0]  # the partial block: none
         rows = []
         for k, key in enumerate(keys):
             if key not in table_rows:
@@ -215,6 +226,7 @@ def example_from_record(
                 content.append(inputs.content[k])
                 lods.append(inputs.lods[k])
                 features.append(inputs.features[k])
+                prior.append(unit_prior[k])
             rows.append(table_rows[key])
         tilings.append(tiling)
         variants.append(VariantExample(v.kind, float(v.mean_nll), np.asarray(rows, np.int64)))
@@ -230,6 +242,7 @@ def example_from_record(
         content=torch.stack(content).to(torch.float16),  # (N, D)
         lods=torch.stack(lods).long(),  # (N,)
         features=torch.stack(features).float(),  # (N, F)
+        prior=torch.tensor(prior, dtype=torch.float32),  # (N,)
         variants=variants,
         pairs=build_pairs(tilings, [v.nll for v in variants], config),
         reference=reference,

@@ -17,8 +17,10 @@ is the same on every trainer and every restart):
   pooled over records, one needle record whose lucky variant gained 2 nats outweighed fifteen
   whose gains were hundredths, and loop run 4's gate refused 61 of 62 versions whose decisive
   agreement was 0.61-0.89 (the mean per record was positive on the same records).
-A new version passes if there are at least `min_held_out` held-out records,
-decisive agreement(new) >= decisive agreement(current) and correlation(new) > 0."""
+Scores are `lens`'s: the retrieval prior plus LensNet's residual. A new version passes if there
+are at least `min_held_out` held-out records, decisive agreement(new) >= decisive agreement of
+both the current version and the prior alone (a residual must not make retrieval worse), and
+correlation(new) > 0."""
 
 from __future__ import annotations
 
@@ -74,8 +76,10 @@ class GateDecision:
 
 
 @torch.inference_mode()
-def evaluate(net: LensNet, examples: Sequence[Example], temperature: float) -> GateReport:
-    net.eval()
+def evaluate(net: LensNet | None, examples: Sequence[Example], temperature: float) -> GateReport:
+    """`net`'s report on `examples`; None measures the retrieval prior alone."""
+    if net is not None:
+        net.eval()
     agree_sum = loss_sum = weighted_sum = strength_sum = decisive_sum = 0.0
     pairs = decisive_pairs = 0
     per_record: list[tuple[np.ndarray, np.ndarray]] = []  # (verdicts, gains) of each record
@@ -143,7 +147,9 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     return float(a @ b) / denom if denom > 1e-12 else 0.0
 
 
-def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDecision:
+def decide(
+    new: GateReport, current: GateReport, prior: GateReport, min_records: int = 1
+) -> GateDecision:
     if new.decisive_pairs == 0:
         return GateDecision(
             False, "no decisive held-out preference pairs yet", new, current, judged=False
@@ -160,6 +166,14 @@ def decide(new: GateReport, current: GateReport, min_records: int = 1) -> GateDe
         return GateDecision(
             False,
             f"score/NLL-gain correlation {new.correlation:.3f} is not positive",
+            new,
+            current,
+        )
+    if new.decisive_agreement < prior.decisive_agreement:
+        return GateDecision(
+            False,
+            f"held-out decisive agreement {new.decisive_agreement:.3f} < the prior's "
+            f"{prior.decisive_agreement:.3f}",
             new,
             current,
         )

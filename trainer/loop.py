@@ -394,7 +394,8 @@ class Trainer:
         held = self.buffer.held_out
         new = evaluate(self.net, held, self.settings.temperature)
         current = evaluate(self.current_net, held, self.settings.temperature)
-        return decide(new, current, self.settings.min_held_out)
+        prior = evaluate(None, held, self.settings.temperature)
+        return decide(new, current, prior, self.settings.min_held_out)
 
     async def _publish(self, decision: GateDecision) -> None:
         assert self._redis is not None and self.lock is not None

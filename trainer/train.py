@@ -27,6 +27,7 @@ class Batch:
     lods: torch.Tensor  # (V, U) int64
     features: torch.Tensor  # (V, U, F) float32
     valid: torch.Tensor  # (V, U) bool: real units
+    prior: torch.Tensor  # (V, U) float32: the retrieval prior's scores (0 on padding)
     pair_variant: torch.Tensor  # (P,) int64: row in V of each pair's scored variant
     targets: torch.Tensor  # (P, U) float32: signed targets, 0 = no target / padding
     gaps: torch.Tensor  # (P,) float32: each pair's NLL gap, nats
@@ -53,6 +54,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
     lods = torch.zeros(n, width, dtype=torch.long)  # (V, U)
     features = torch.zeros(n, width, N_FEATURES)  # (V, U, F)
     valid = torch.zeros(n, width, dtype=torch.bool)  # (V, U)
+    prior = torch.zeros(n, width)  # (V, U)
     for row, (e, v) in enumerate(index):
         ex = examples[e]
         units = torch.from_numpy(ex.variants[v].rows)  # (U_v,)
@@ -60,6 +62,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
         content[row, :u] = ex.content[units].float()
         lods[row, :u] = ex.lods[units]
         features[row, :u] = ex.features[units]
+        prior[row, :u] = ex.prior[units]
         valid[row, :u] = True
     pair_rows: list[int] = []
     targets = []
@@ -76,6 +79,7 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
         lods=lods,
         features=features,
         valid=valid,
+        prior=prior,
         pair_variant=torch.tensor(pair_rows, dtype=torch.long),
         targets=torch.from_numpy(np.stack(targets)) if targets else torch.zeros(0, width),
         gaps=torch.tensor(gaps, dtype=torch.float32),
@@ -83,9 +87,12 @@ def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch
     )
 
 
-def scores(net: LensNet, batch: Batch) -> torch.Tensor:
-    """(V, U) LensNet scores of every batched variant (padding rows are garbage; mask them)."""
-    out: torch.Tensor = net(batch.content, batch.lods, batch.features, batch.valid)
+def scores(net: LensNet | None, batch: Batch) -> torch.Tensor:
+    """(V, U) `lens` scores of every batched variant: the retrieval prior plus LensNet's residual
+    (None: the prior alone). Padding rows are garbage; mask them."""
+    if net is None:
+        return batch.prior
+    out: torch.Tensor = net(batch.content, batch.lods, batch.features, batch.valid) + batch.prior
     return out
 
 

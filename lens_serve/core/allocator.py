@@ -84,6 +84,8 @@ def collapse_candidates(
     units = tiling.units
     out = []
     for p, (lod, index) in enumerate(units):
+        if lod < 0:
+            continue  # a recalled block: a policy adds and drops these, the allocator does not
         if lod == 0:
             if (index + 1) * b > n - tail:
                 continue  # touches the raw tail

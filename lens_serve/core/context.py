@@ -10,7 +10,13 @@ invariants;
 A `Tiling` is the same thing at block granularity, used by the policies that cover the whole
 lifetime: a list of units (lod, index) where lod 0 means block `index` shown raw (B token rows) and
 lod k >= 1 means the gist of node (k, index), plus the raw tokens of the trailing partial block.
-A tiling always counts the frame's rows, so an edit's cost never depends on the other units."""
+A tiling always counts the frame's rows, so an edit's cost never depends on the other units.
+
+A *recall* unit (RECALL, index) is a raw copy of an older block placed out of timeline order: a
+continuing session shows what a new question asks for there, just before the question, so the
+rows before it (the cached prefix) stay as they were. Its entries are raw tokens whose start lies
+before the timeline's frontier at their place (`WorkingContext.recalled`); they are not part of
+the contiguous timeline that invariant 1 speaks of."""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ import numpy as np
 
 from lens_serve.errors import InvalidRequest, InvariantViolation
 
-Unit = tuple[int, int]  # (lod, index); lod 0 = a raw block
+Unit = tuple[int, int]  # (lod, index); lod 0 = a raw block, RECALL = a raw copy of an older block
+RECALL = -1
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Span:
     lod: int
     rows: int
     score: float = 0.0
+    recalled: bool = False  # raw copies of older text, out of timeline order
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,15 @@ class WorkingContext:
     def ends(self) -> np.ndarray:
         ends: np.ndarray = self.starts + np.power(self.block_size, self.lods.astype(np.int64))
         return ends
+
+    @property
+    def recalled(self) -> np.ndarray:
+        """(E,) bool: entries that copy text from before the timeline's frontier at their place."""
+        if not len(self.starts):
+            return np.zeros(0, dtype=bool)
+        frontier = np.maximum.accumulate(self.ends)  # (E,) furthest token covered so far
+        out: np.ndarray = np.r_[False, self.starts[1:] < frontier[:-1]]
+        return out
 
     @property
     def entry_rows(self) -> np.ndarray:
@@ -72,12 +89,14 @@ class WorkingContext:
         return int((self.ends[gist] - self.starts[gist]).sum())
 
     def spans(self) -> list[Span]:
-        """Run-length view: consecutive entries of one LOD merged into one span."""
+        """Run-length view: consecutive entries of one LOD merged into one span (a jump in the
+        timeline, as at a recalled block, starts a new span)."""
         if not len(self.lods):
             return []
-        breaks = np.flatnonzero(np.diff(self.lods.astype(np.int64))) + 1
+        ends, rows, recalled = self.ends, self.entry_rows, self.recalled
+        jumps = (np.diff(self.lods.astype(np.int64)) != 0) | (self.starts[1:] != ends[:-1])
+        breaks = np.flatnonzero(jumps) + 1
         bounds = [0, *breaks.tolist(), len(self.lods)]
-        ends, rows = self.ends, self.entry_rows
         out = []
         for a, b in itertools.pairwise(bounds):
             score = float(self.scores[a:b].mean()) if self.scores is not None else 0.0
@@ -88,6 +107,7 @@ class WorkingContext:
                     int(self.lods[a]),
                     int(rows[a:b].sum()),
                     score,
+                    bool(recalled[a]),
                 )
             )
         return out
@@ -117,7 +137,10 @@ def check_invariants(
     node_counts[k] (if given) is the number of complete nodes at level k, to check that every gist
     is a real tree node."""
     n, b = wc.lifetime, wc.block_size
-    lods, starts, ends = wc.lods.astype(np.int64), wc.starts, wc.ends
+    recalled = wc.recalled
+    _check_recalled(wc, recalled)
+    timeline = ~recalled
+    lods, starts, ends = wc.lods[timeline].astype(np.int64), wc.starts[timeline], wc.ends[timeline]
     if n == 0:
         if len(lods):
             raise InvariantViolation("an empty lifetime must give an empty working context")
@@ -140,6 +163,25 @@ def check_invariants(
                 raise InvariantViolation(f"a gist at LOD{lod} is not a complete tree node")
 
 
+def _check_recalled(wc: WorkingContext, recalled: np.ndarray) -> None:
+    """Recalled entries are whole raw blocks, each copied from text before its place."""
+    if not recalled.any():
+        return
+    b = wc.block_size
+    at = np.flatnonzero(recalled)
+    if np.any(wc.lods[at] != 0):
+        raise InvariantViolation("a recalled entry is not a raw token")
+    frontier = np.maximum.accumulate(wc.ends)  # (E,)
+    for run in np.split(at, np.flatnonzero(np.diff(at) != 1) + 1):
+        if len(run) % b:
+            raise InvariantViolation("recalled entries are not whole blocks")
+        blocks = wc.starts[run].reshape(-1, b)  # (K, B)
+        if np.any(blocks[:, 0] % b) or np.any(np.diff(blocks, axis=1) != 1):
+            raise InvariantViolation("recalled entries are not whole aligned blocks")
+        if blocks.max() + 1 > frontier[run[0] - 1]:
+            raise InvariantViolation("a recalled block is not older than its place")
+
+
 @dataclass
 class Tiling:
     """Whole-lifetime tiling at block granularity (see the module docstring)."""
@@ -158,7 +200,7 @@ class Tiling:
         )
 
     def unit_rows(self, unit: Unit) -> int:
-        return self.block_size if unit[0] == 0 else self.gist_rows
+        return self.block_size if unit[0] <= 0 else self.gist_rows
 
     def unit_span(self, unit: Unit) -> tuple[int, int]:
         size = self.block_size ** max(unit[0], 1)
@@ -171,7 +213,7 @@ class Tiling:
 
     @property
     def rows(self) -> int:
-        raw_blocks = sum(1 for lod, _ in self.units if lod == 0)
+        raw_blocks = sum(1 for lod, _ in self.units if lod <= 0)  # recalled blocks are raw too
         gists = len(self.units) - raw_blocks
         loose = self.lifetime % self.block_size
         return raw_blocks * self.block_size + gists * self.gist_rows + loose + self.frame_rows
@@ -180,9 +222,9 @@ class Tiling:
         b = self.block_size
         lods = np.array([u[0] for u in self.units], dtype=np.int8)  # (U,)
         index = np.array([u[1] for u in self.units], dtype=np.int64)  # (U,)
-        per_unit = np.where(lods == 0, b, 1)  # entries per unit
+        per_unit = np.where(lods <= 0, b, 1)  # entries per unit
         unit_start = index * np.power(b, np.maximum(lods, 1).astype(np.int64))  # (U,)
-        entry_lods = np.repeat(lods, per_unit)  # (E,)
+        entry_lods = np.repeat(np.maximum(lods, 0), per_unit)  # (E,) a recalled block is raw
         first_entry = np.cumsum(per_unit) - per_unit  # (U,)
         offset = np.arange(int(per_unit.sum())) - np.repeat(first_entry, per_unit)  # (E,)
         entry_starts = np.repeat(unit_start, per_unit) + offset  # raw blocks step by one token

@@ -25,9 +25,9 @@ from lens_serve.core.tree import LifetimeTree
 
 CHECKPOINT_STEM = "lensnet"
 N_FEATURES = 7
-# The query the match feature looks for: the newest tokens, not the whole raw tail. In the loop
-# bench's needle records the asked fact's block had the highest match of all older blocks in 90%
-# of records with the newest 32 tokens, 84% with 64 and 57% with the 128-token tail (older tail
+# The default query, when a request names none: the newest tokens, not the whole raw tail. In the
+# loop bench's needle records the asked fact's block had the highest match of all older blocks in
+# 90% of records with the newest 32 tokens, 84% with 64 and 57% with the 128-token tail (older tail
 # tokens are document words that match all over the lifetime).
 QUERY_TOKENS = 32
 
@@ -102,10 +102,14 @@ class UnitInputs:
         return int(self.lods.shape[0])
 
 
-def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
-    """Summarise every unit of `tiling` (plus the partial block) for LensNet."""
+def unit_inputs(
+    tree: LifetimeTree, tiling: Tiling, tail: int, query: np.ndarray | None = None
+) -> UnitInputs:
+    """Summarise every unit of `tiling` (plus the partial block) for LensNet. `query`: token ids
+    of what the request asks (None: the newest QUERY_TOKENS tokens)."""
     b, n = tree.block_size, tiling.lifetime
-    lods = np.array([u[0] for u in tiling.units], dtype=np.int64)  # (U,)
+    # A recalled block (lod RECALL) reads like a raw block: LOD 0, its tokens' mean embedding.
+    lods = np.maximum([u[0] for u in tiling.units], 0).astype(np.int64)  # (U,)
     index = np.array([u[1] for u in tiling.units], dtype=np.int64)  # (U,)
     content = torch.zeros(len(lods), tree.table.hidden_size)  # (U, D)
     raw = lods == 0
@@ -129,7 +133,7 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
         rows = np.append(rows, n - tiling.loose_start)
     ends = starts + size
     log_n = math.log1p(max(n, 1))
-    match = query_match(tree, starts, ends)  # (U',)
+    match = query_match(tree, starts, ends, query)  # (U',)
     if tiling.loose_start < n:
         match[-1] = 1.0  # the trailing partial block is part of the query itself
     features = np.stack(
@@ -147,16 +151,26 @@ def unit_inputs(tree: LifetimeTree, tiling: Tiling, tail: int) -> UnitInputs:
     return UnitInputs(content, torch.from_numpy(lods), torch.from_numpy(features).float())
 
 
-def query_match(tree: LifetimeTree, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """(U,) match of the spans [starts, ends) with the query, the newest QUERY_TOKENS tokens."""
+def default_query(tree: LifetimeTree) -> np.ndarray:
+    """The query of a request that names none: the newest QUERY_TOKENS tokens."""
     n = tree.lifetime
-    return tree.index.query_match(tree.tokens(max(n - QUERY_TOKENS, 0), n), starts, ends)
+    return tree.tokens(max(n - QUERY_TOKENS, 0), n)
 
 
-def tiling_query_match(tree: LifetimeTree, tiling: Tiling) -> np.ndarray:
+def query_match(
+    tree: LifetimeTree, starts: np.ndarray, ends: np.ndarray, query: np.ndarray | None = None
+) -> np.ndarray:
+    """(U,) match of the spans [starts, ends) with `query` (None: `default_query`)."""
+    words = default_query(tree) if query is None else query
+    return tree.index.query_match(words, starts, ends)
+
+
+def tiling_query_match(
+    tree: LifetimeTree, tiling: Tiling, query: np.ndarray | None = None
+) -> np.ndarray:
     """(U,) query match of each unit of `tiling` (the partial block not included)."""
     spans = np.array([tiling.unit_span(u) for u in tiling.units], dtype=np.int64).reshape(-1, 2)
-    return query_match(tree, spans[:, 0], spans[:, 1])
+    return query_match(tree, spans[:, 0], spans[:, 1], query)
 
 
 @torch.inference_mode()

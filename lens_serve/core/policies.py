@@ -1,7 +1,12 @@
 """Policies: how a working context is chosen for a request.
 
-- `lens`: LensNet scores + the focus allocator, continuing the session's previous choice when there
-  is one (so its prefix stays cached), else starting from the newest-first tiling.
+- `retrieval`: the blocks BM25 ranks best for the query shown raw with their neighbours (see
+  `retrieval`), everything else newest-first at the finest level that fits, the raw tail always.
+- `lens`: the retrieval prior plus LensNet's learned residual, through the focus allocator. A
+  fresh choice starts from the `retrieval` tiling; a session's later requests continue its previous
+  choice (so its cached prefix stays as it was), and the blocks a new question asks for are
+  recalled (raw copies) just before it. An untrained LensNet (zero residual) chooses exactly what
+  `retrieval` does on a fresh choice.
 - `recency`: the newest `budget` tokens, raw; older text is dropped.
 - `uniform`: all older text at one level, the finest at which the whole lifetime fits.
 - `random`: the coarsest tiling with random expansions (explicit seed) until no more fit.
@@ -18,6 +23,7 @@ import numpy as np
 
 from lens_serve.core.allocator import EditStats, FocusConfig, FocusState, refocus
 from lens_serve.core.context import (
+    RECALL,
     Tiling,
     Unit,
     WorkingContext,
@@ -30,11 +36,21 @@ from lens_serve.core.context import (
     tiling_at_level,
     validate_budget,
 )
-from lens_serve.core.lensnet import LensNet, score_units, unit_inputs
+from lens_serve.core.lensnet import LensNet, default_query, score_units, unit_inputs
+from lens_serve.core.retrieval import (
+    RetrievalConfig,
+    prior_scores,
+    question_start,
+    recall,
+    recall_rows,
+    retrieved_blocks,
+    show_blocks,
+)
 from lens_serve.core.tree import LifetimeTree
 from lens_serve.errors import InvalidRequest
 
-POLICIES = ("lens", "recency", "uniform", "random", "full")
+POLICIES = ("lens", "recency", "uniform", "random", "full", "retrieval")
+"""In the order of the wire's Policy enum values (1..6)."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +64,16 @@ class Choice:
 class ContextChooser:
     """Chooses working contexts with one LensNet (swap the chooser to swap LensNet versions)."""
 
-    def __init__(self, lensnet: LensNet, focus: FocusConfig | None = None) -> None:
+    def __init__(
+        self,
+        lensnet: LensNet,
+        focus: FocusConfig | None = None,
+        retrieval: RetrievalConfig | None = None,
+    ) -> None:
         self.lensnet = lensnet
         self.lens_version = lensnet.version  # hashed once: the weights never change in place
         self.focus = focus or FocusConfig()
+        self.retrieval = retrieval or RetrievalConfig()
 
     def choose(
         self,
@@ -62,9 +84,12 @@ class ContextChooser:
         *,
         seed: int = 0,
         state: FocusState | None = None,
+        query: np.ndarray | None = None,
     ) -> Choice:
+        """`query`: token ids of what the request asks (None: the newest tokens)."""
         began = time.perf_counter()
         n = tree.lifetime
+        words = default_query(tree) if query is None else np.asarray(query, dtype=np.int64)
         b, r, f = tree.block_size, tree.gist_rows, tree.frame_rows
         check_feasible(policy, n, budget, tail, b, r, f)
         focus: FocusState | None = None
@@ -80,49 +105,84 @@ class ContextChooser:
             elif policy == "random":
                 rng = np.random.default_rng(seed)
                 wc = random_fill(coarse, budget, rng).to_working_context("random")
+            elif policy == "retrieval":
+                blocks = retrieved_blocks(tree, words, tail, self.retrieval)
+                wc = retrieval(coarse, blocks, budget).to_working_context("retrieval")
             else:
-                focus, stats = self._lens(tree, coarse, budget, tail, state)
+                focus, stats = self._lens(tree, coarse, budget, tail, state, words)
                 wc = focus.tiling.to_working_context("lens", self.lens_version)
         return Choice(wc, focus, stats, (time.perf_counter() - began) * 1e3)
 
     def _lens(
-        self, tree: LifetimeTree, coarse: Tiling, budget: int, tail: int, state: FocusState | None
+        self,
+        tree: LifetimeTree,
+        coarse: Tiling,
+        budget: int,
+        tail: int,
+        state: FocusState | None,
+        query: np.ndarray,
     ) -> tuple[FocusState, EditStats]:
         fresh = not _continues(state, tree, budget, tail)
+        floor = 0.0 if fresh else self.retrieval.recall_min_score
+        blocks = retrieved_blocks(tree, query, tail, self.retrieval, floor)
+        room = budget  # what the allocator may fill (a continuing session keeps room to recall)
         if fresh or state is None:
-            state = FocusState(fill_newest_first(coarse, budget))
+            state = FocusState(retrieval(coarse, blocks, budget))
+            prior = blocks
         else:
-            state = FocusState(
-                extend_tiling(state.tiling, tree.lifetime), state.step, state.created_at
-            )
+            tiling = extend_tiling(state.tiling, tree.lifetime)
+            # Expanding old gists in place would recompute every cached row after them: the new
+            # question's blocks are recalled next to it instead, after the allocator's step. If
+            # they do not fit, the allocator refits to make room, and earlier recalls go first
+            # (the allocator never collapses them).
+            room = budget - recall_rows(tiling, blocks)
+            if tiling.rows > room:
+                tiling = tiling.with_units([u for u in tiling.units if u[0] != RECALL])
+                room = budget - recall_rows(tiling, blocks)
+            if room < coarse.rows:  # even the coarsest tiling leaves no room: recall what fits
+                room = budget
+            state = FocusState(tiling, state.step, state.created_at)
+            prior = []
         node_counts = [tree.node_count(k) for k in range(tree.levels + 1)]
-        if not fresh:
-            scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
-            return refocus(state, scores, budget, tail, node_counts, self.focus, fresh)
-        # A fresh WC is refined coarse to fine: each round scores the units the previous one
-        # revealed, so a span deep in the oldest gist can reach raw tokens in one request. The
-        # cooldown guards a session's turns against flapping; within one choice, refining a unit
-        # just made is the point, so every round starts without it and the units made by all
-        # rounds are protected from the next turn on.
+        # Each round scores the units the previous one revealed (prior + LensNet's residual), so a
+        # span deep in the oldest gist can reach raw tokens in one request. The cooldown guards a
+        # session's turns against flapping; within one choice, refining a unit just made is the
+        # point, so every round starts without it and the units made by all rounds are protected
+        # from the next turn on.
         made: set[Unit] = set()
+        kept = dict(state.created_at)
         totals = np.zeros(3, dtype=np.int64)  # expands, collapses, forced collapses
-        for _ in range(self.focus.fresh_rounds):
-            scores = score_units(self.lensnet, unit_inputs(tree, state.tiling, tail))
+        # Past `fresh_rounds`, rounds go on only while the prior still asks for gists to be
+        # expanded (a block deep in a tall tree is one level nearer per round).
+        for round_ in range(self.focus.fresh_rounds + tree.levels):
+            prior_score = prior_scores(state.tiling, prior)
+            if round_ >= self.focus.fresh_rounds and not _gists_wanted(state.tiling, prior_score):
+                break
+            inputs = unit_inputs(tree, state.tiling, tail, query)
+            residual = score_units(self.lensnet, inputs)[: len(state.tiling.units)]
             state, stats = refocus(
-                FocusState(state.tiling, state.step),
-                scores,
-                budget,
+                FocusState(state.tiling, state.step, kept if round_ == 0 else {}),
+                residual + prior_score,
+                room,
                 tail,
                 node_counts,
                 self.focus,
                 fresh,
             )
-            made.update(state.created_at)
+            made.update(u for u, s in state.created_at.items() if s == state.step)
             totals += (stats.expands, stats.collapses, stats.forced_collapses)
             if stats.expands + stats.collapses + stats.forced_collapses == 0:
                 break
-        state = FocusState(state.tiling, state.step, dict.fromkeys(made, state.step))
-        return state, EditStats(*(int(t) for t in totals))
+        created = {u: s for u, s in kept.items() if state.step - s < self.focus.cooldown_steps}
+        created.update(dict.fromkeys(made, state.step))
+        tiling = state.tiling
+        if not fresh:
+            tiling = recall(tiling, blocks, budget, question_start(tree, query, tail))
+        return FocusState(tiling, state.step, created), EditStats(*(int(t) for t in totals))
+
+
+def _gists_wanted(tiling: Tiling, prior: np.ndarray) -> bool:
+    return any(p > 0 and unit[0] > 0 for p, unit in zip(prior, tiling.units, strict=True))
 
 
 def check_feasible(
@@ -143,7 +203,7 @@ def check_feasible(
         raise InvalidRequest(
             "wc_budget", f"policy full needs all {lifetime} lifetime tokens raw, budget is {budget}"
         )
-    if policy in ("lens", "uniform", "random"):
+    if policy in ("lens", "uniform", "random", "retrieval"):
         levels = levels_for(lifetime, block_size)
         needed = coarsest_tiling(lifetime, tail, levels, block_size, gist_rows, frame_rows).rows
         if needed > budget:
@@ -165,7 +225,7 @@ def _continues(state: FocusState | None, tree: LifetimeTree, budget: int, tail: 
     if grown > budget // 2:
         return False  # so much is new that the old prefix is a small share: start afresh
     first_tail_token = tree.lifetime - tail
-    return all(lod == 0 or old.unit_span((lod, i))[1] <= first_tail_token for lod, i in old.units)
+    return all(lod <= 0 or old.unit_span((lod, i))[1] <= first_tail_token for lod, i in old.units)
 
 
 def recency(
@@ -180,6 +240,11 @@ def recency(
         gist_rows=gist_rows,
         policy=policy,
     )
+
+
+def retrieval(coarse: Tiling, blocks: list[int], budget: int) -> Tiling:
+    """The retrieved blocks raw (with their neighbours), then the rest newest-first."""
+    return fill_newest_first(show_blocks(coarse, blocks, budget), budget)
 
 
 def uniform(coarse: Tiling, budget: int, tail: int, levels: int) -> Tiling:

@@ -32,6 +32,7 @@ from lens_serve.service.config import Settings
 from lens_serve.service.hot_swap import WeightStore
 from lens_serve.service.prewarm import Prewarmer
 from lens_serve.service.requests import (
+    ContextQuery,
     ContextView,
     GenerateEvent,
     GenerateInput,
@@ -47,6 +48,9 @@ from lens_serve.store.sessions import SessionFull, SessionInfo, SessionStore
 
 logger = logging.getLogger(__name__)
 
+NEWEST = ContextQuery(None, "newest")
+"""The default query: the newest tokens."""
+
 TreeFactory = Callable[[Sequence[int] | np.ndarray], LifetimeTree]
 """Builds a lifetime tree over token ids with this server's GistNet and embedding table."""
 
@@ -59,6 +63,7 @@ class _Prepared:
     view: ContextView
     choice: Choice
     tree: LifetimeTree  # what the choice was made on (positions < its lifetime never change)
+    query: ContextQuery
 
 
 class LensService:
@@ -140,16 +145,24 @@ class LensService:
     # -- working contexts -----------------------------------------------------------------------
 
     async def working_context(
-        self, owner: str, session_id: str, wc_budget: int, policy: str
+        self,
+        owner: str,
+        session_id: str,
+        wc_budget: int,
+        policy: str,
+        *,
+        query: str = "",
+        query_token_ids: Sequence[int] = (),
     ) -> ContextView:
         sid = self._validate.session_id(session_id)
         budget, policy = self._validate.budget(wc_budget), self._validate.policy(policy)
+        wanted = self._validate.query(query, query_token_ids)
         chooser = self.weights.chooser
         async with self._lock(sid):
             entry = await self._synced(owner, sid)
             self._validate.feasible(entry.tree.lifetime, budget, policy)
             prepared = await self._prepare(
-                chooser, entry.tree, policy=policy, budget=budget, focus=entry.focus
+                chooser, entry.tree, policy=policy, budget=budget, focus=entry.focus, query=wanted
             )
         return prepared.view
 
@@ -171,11 +184,12 @@ class LensService:
         seed = request.sampling.seed
         with self._admission.slot():
             if sid:
+                query = self._validate.prompt_query(request, prompt)
                 prepared = await self._prepare_turn(
                     owner, sid, prompt, budget=budget, policy=policy, params=params,
-                    chooser=chooser, seed=seed,
+                    chooser=chooser, seed=seed, query=query,
                 )  # fmt: skip
-            else:
+            else:  # the prompt is the whole context: the request asks what its newest tokens do
                 self._validate.feasible(len(prompt), budget, policy)
                 tree = await asyncio.to_thread(self._make_tree, prompt)
                 prepared = await self._prepare(
@@ -210,6 +224,8 @@ class LensService:
                     prompt_tokens=len(prompt),
                     policy=policy,
                     gistnet_version=prepared.view.gistnet_version,
+                    query_source=prepared.view.query_source,
+                    query_tokens=prepared.view.query_tokens,
                 )
                 yield GenerateEvent(
                     request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage
@@ -226,6 +242,7 @@ class LensService:
         params: GenerationParams,
         chooser: ContextChooser,
         seed: int,
+        query: ContextQuery,
     ) -> _Prepared:
         """Check, append the prompt to the session, and choose its working context."""
         async with self._lock(sid):
@@ -239,7 +256,7 @@ class LensService:
             entry = await self._synced(owner, sid)
             prepared = await self._prepare(
                 chooser, entry.tree, policy=policy, budget=budget, seed=seed, focus=entry.focus,
-                served=True,
+                query=query, served=True,
             )  # fmt: skip
             if prepared.choice.focus is not None:
                 entry.focus = prepared.choice.focus  # the session's next turn continues from here
@@ -273,6 +290,7 @@ class LensService:
             chooser=chooser,
             target=self.settings.shadow_target,
             target_tokens=self.settings.shadow_target_tokens,
+            query=prepared.query.token_ids,
         )
         if job is not None:
             self.shadow.submit(job)
@@ -286,6 +304,7 @@ class LensService:
         if not target:
             raise InvalidRequest("continuation", "must not be empty")
         budget, policy = v.budget(request.wc_budget), v.policy(request.policy)
+        query = v.query(request.query, request.query_token_ids)
         if budget + len(target) > self.engine.max_model_len:
             raise InvalidRequest(
                 "continuation",
@@ -306,14 +325,16 @@ class LensService:
                         )
                         focus = None
                     prepared = await self._prepare(
-                        chooser, tree, policy=policy, budget=budget, focus=focus
+                        chooser, tree, policy=policy, budget=budget, focus=focus, query=query
                     )
             else:
                 if not context:
                     raise InvalidRequest("context", "must not be empty without a session_id")
                 v.feasible(len(context), budget, policy)
                 tree = await asyncio.to_thread(self._make_tree, context)
-                prepared = await self._prepare(chooser, tree, policy=policy, budget=budget)
+                prepared = await self._prepare(
+                    chooser, tree, policy=policy, budget=budget, query=query
+                )
             logprobs = await self.engine.score(prepared.embeds, target, uuid.uuid4().hex)
         return ScoreResult([-lp for lp in logprobs], list(target), prepared.view)
 
@@ -328,11 +349,12 @@ class LensService:
         budget: int,
         seed: int = 0,
         focus: FocusState | None = None,
+        query: ContextQuery = NEWEST,
         served: bool = False,
     ) -> _Prepared:
         """Choose and assemble in a worker thread. `served` records metrics for served WCs."""
         return await asyncio.to_thread(
-            self._choose_and_assemble, chooser, tree, policy, budget, seed, focus, served
+            self._choose_and_assemble, chooser, tree, policy, budget, seed, focus, query, served
         )
 
     def _choose_and_assemble(
@@ -343,9 +365,12 @@ class LensService:
         budget: int,
         seed: int,
         focus: FocusState | None,
+        query: ContextQuery,
         served: bool,
     ) -> _Prepared:
-        choice = chooser.choose(tree, policy, budget, self.settings.tail, seed=seed, state=focus)
+        words = None if query.token_ids is None else np.asarray(query.token_ids, dtype=np.int64)
+        tail = self.settings.tail
+        choice = chooser.choose(tree, policy, budget, tail, seed=seed, state=focus, query=words)
         wc = choice.working_context
         if served:
             metrics.WC_CHOICE_SECONDS.labels(policy).observe(choice.choice_ms / 1e3)
@@ -353,8 +378,10 @@ class LensService:
             metrics.WC_PROMPT_ROWS_TOTAL.inc(wc.rows)
             covered = wc.lifetime - wc.start
             metrics.WC_COMPRESSION_RATIO.observe(covered / max(wc.rows, 1))
-        view = ContextView(wc, budget, tree.gistnet_version, choice.choice_ms)
-        return _Prepared(assemble(tree, wc), view, choice, tree)
+        view = ContextView(
+            wc, budget, tree.gistnet_version, choice.choice_ms, query.source, query.tokens
+        )
+        return _Prepared(assemble(tree, wc), view, choice, tree, query)
 
     async def _synced(self, owner: str, session_id: str) -> CachedSession:
         """The session's cached tree, brought up to date with its Redis token log (the source of

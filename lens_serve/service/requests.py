@@ -37,6 +37,22 @@ class ScoreInput:
     continuation_token_ids: tuple[int, ...] = ()
     wc_budget: int = 0
     policy: str = ""
+    query: str = ""
+    query_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ContextQuery:
+    """What a working context is chosen for, and where that came from."""
+
+    token_ids: list[int] | None
+    """None: the newest tokens (the chooser's default)."""
+    source: str
+    """"prompt" (a session's new prompt), "query" (the request's query field) or "newest"."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids or ())
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class ContextView:
     budget: int
     gistnet_version: str
     choice_ms: float
+    query_source: str
+    query_tokens: int
 
 
 @dataclass(frozen=True)
@@ -61,6 +79,8 @@ class Usage:
     prompt_tokens: int
     policy: str
     gistnet_version: str
+    query_source: str
+    query_tokens: int
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,14 @@ def working_context_proto(view: ContextView) -> pb.WorkingContext:
     wc = view.working_context
     return pb.WorkingContext(
         spans=[
-            pb.Span(start=s.start, end=s.end, lod=s.lod, score=s.score, rows=s.rows)
+            pb.Span(
+                start=s.start,
+                end=s.end,
+                lod=s.lod,
+                score=s.score,
+                rows=s.rows,
+                recalled=s.recalled,
+            )
             for s in wc.spans()
         ],
         lens_version=wc.lens_version,
@@ -49,6 +56,8 @@ def working_context_proto(view: ContextView) -> pb.WorkingContext:
         budget=view.budget,
         policy=wc.policy,
         gistnet_version=view.gistnet_version,
+        query_source=view.query_source,
+        query_tokens=view.query_tokens,
     )
 
 
@@ -142,6 +151,8 @@ class LensServeServicer(pb_grpc.LensServeServicer):
                         prompt_tokens=u.prompt_tokens,
                         policy=POLICY_VALUES[u.policy],
                         gistnet_version=u.gistnet_version,
+                        query_source=u.query_source,
+                        query_tokens=u.query_tokens,
                     )
                 )
             yield response
@@ -157,6 +168,8 @@ class LensServeServicer(pb_grpc.LensServeServicer):
                 continuation_token_ids=tuple(request.continuation_token_ids),
                 wc_budget=request.wc_budget,
                 policy=policy_name(request.policy),
+                query=request.query,
+                query_token_ids=tuple(request.query_token_ids),
             ),
         )
         return pb.ScoreResponse(
@@ -170,7 +183,12 @@ class LensServeServicer(pb_grpc.LensServeServicer):
         self, request: pb.GetWorkingContextRequest, context: Context
     ) -> pb.WorkingContext:
         view = await self._service.working_context(
-            current_owner(), request.session_id, request.wc_budget, policy_name(request.policy)
+            current_owner(),
+            request.session_id,
+            request.wc_budget,
+            policy_name(request.policy),
+            query=request.query,
+            query_token_ids=request.query_token_ids,
         )
         return working_context_proto(view)
 

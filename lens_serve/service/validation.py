@@ -11,7 +11,7 @@ from lens_serve.core.policies import POLICIES, check_feasible
 from lens_serve.engine.protocol import Engine, GenerationParams
 from lens_serve.errors import InvalidRequest
 from lens_serve.service.config import Settings
-from lens_serve.service.requests import GenerateInput, Sampling
+from lens_serve.service.requests import ContextQuery, GenerateInput, Sampling
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 MAX_TEMPERATURE = 10.0
@@ -101,6 +101,16 @@ class RequestValidator:
         if request.chat:
             return self._engine.apply_chat_template([{"role": "user", "content": request.prompt}])
         return self.encode(request.prompt)
+
+    def query(self, text: str, ids: Sequence[int]) -> ContextQuery:
+        """The request's `query` / `query_token_ids`, or the newest tokens when it gives none."""
+        token_ids = self.text_or_ids(text, ids, "query")
+        return ContextQuery(token_ids, "query") if token_ids else ContextQuery(None, "newest")
+
+    def prompt_query(self, request: GenerateInput, prompt: list[int]) -> ContextQuery:
+        """A new prompt is what the request asks: with chat, the user's message alone (the
+        template's tokens would match every earlier turn)."""
+        return ContextQuery(self.encode(request.prompt) if request.chat else prompt, "prompt")
 
     def text_or_ids(self, text: str, ids: Sequence[int], field_name: str) -> list[int]:
         """One of `<field>` (text) and `<field>_token_ids`, as token ids."""

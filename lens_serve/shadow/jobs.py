@@ -26,6 +26,7 @@ class ShadowJob:
     budget: int
     tail: int
     chooser: ContextChooser
+    query: np.ndarray | None = None  # (Q,) what the served WC was chosen for; None: newest tokens
 
 
 def build_job(
@@ -43,6 +44,7 @@ def build_job(
     chooser: ContextChooser,
     target: Literal["completion", "prompt"],
     target_tokens: int,
+    query: Sequence[int] | None = None,
 ) -> ShadowJob | None:
     """The job for one served request, or None when it has nothing to measure.
 
@@ -70,4 +72,5 @@ def build_job(
         budget=budget,
         tail=tail,
         chooser=chooser,
+        query=None if query is None else np.asarray(query, dtype=np.int64),
     )

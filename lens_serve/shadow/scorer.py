@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 # Lower runs first in vLLM's priority scheduler: user requests use 0.
 SHADOW_PRIORITY = 10
-BASELINES = ("uniform", "recency", "full")
+BASELINES = ("uniform", "recency", "retrieval", "full")
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ class ShadowScorer:
             request_id=job.request_id,
             seed=seed,
             session_id=job.session_id,
+            query_token_ids=[] if job.query is None else job.query.tolist(),
         )
         for kind, wc, spec, probs in variants:
             embeds = await asyncio.to_thread(assemble, tree, wc)
@@ -153,7 +154,7 @@ class ShadowScorer:
         n, budget, tail = tree.lifetime, job.budget, job.tail
         served, base = job.served, job.served_tiling
         if served is None:  # the target was held out of the prompt: choose over what remains
-            choice = job.chooser.choose(tree, job.policy, budget, tail)
+            choice = job.chooser.choose(tree, job.policy, budget, tail, query=job.query)
             served = choice.working_context
             base = choice.focus.tiling if choice.focus is not None else None
         out: list[tuple[str, WorkingContext, pb.WorkingContextSpec, list[float]]] = [
@@ -166,7 +167,7 @@ class ShadowScorer:
         counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         rng = np.random.default_rng(seed)
         seen = {served.signature()}
-        guide = tiling_query_match(tree, base)  # (U,) explore where the query points
+        guide = tiling_query_match(tree, base, job.query)  # (U,) explore where the query points
         for _ in range(self._config.random_variants):
             variant = sample_variant(
                 base,
@@ -187,6 +188,6 @@ class ShadowScorer:
         for policy in BASELINES:
             if policy == job.policy or (policy == "full" and n > budget):
                 continue
-            wc = job.chooser.choose(tree, policy, budget, tail).working_context
+            wc = job.chooser.choose(tree, policy, budget, tail, query=job.query).working_context
             out.append((policy, wc, spec_from_working_context(wc), []))
         return out

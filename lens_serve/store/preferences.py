@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from google.protobuf.message import DecodeError
 from redis.asyncio import Redis
 
-from lens_serve.core.context import Tiling, Unit, WorkingContext
+from lens_serve.core.context import RECALL, Tiling, Unit, WorkingContext
 from lens_serve.v1 import lens_serve_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -29,30 +29,36 @@ DEFAULT_MAXLEN = 100_000
 
 
 def spec_from_tiling(tiling: Tiling) -> pb.WorkingContextSpec:
-    """Run-length spans (start, end, lod) of a whole-lifetime tiling, trailing partial included."""
-    spans: list[tuple[int, int, int]] = []
+    """Run-length spans (start, end, lod) of a whole-lifetime tiling, trailing partial included;
+    recalled blocks are spans of their own, flagged."""
+    spans: list[tuple[int, int, int, bool]] = []
     for unit in tiling.units:
         start, end = tiling.unit_span(unit)
-        _push(spans, start, end, unit[0])
+        _push(spans, start, end, max(unit[0], 0), unit[0] == RECALL)
     if tiling.loose_start < tiling.lifetime:
-        _push(spans, tiling.loose_start, tiling.lifetime, 0)
-    return pb.WorkingContextSpec(
-        spans=[pb.SpanSpec(start=s, end=e, lod=lod) for s, e, lod in spans]
-    )
+        _push(spans, tiling.loose_start, tiling.lifetime, 0, False)
+    return _spec(spans)
 
 
 def spec_from_working_context(wc: WorkingContext) -> pb.WorkingContextSpec:
     """Run-length spans of any working context (also ones that drop old text, like recency)."""
+    return _spec([(s.start, s.end, s.lod, s.recalled) for s in wc.spans()])
+
+
+def _spec(spans: list[tuple[int, int, int, bool]]) -> pb.WorkingContextSpec:
     return pb.WorkingContextSpec(
-        spans=[pb.SpanSpec(start=s.start, end=s.end, lod=s.lod) for s in wc.spans()]
+        spans=[pb.SpanSpec(start=s, end=e, lod=lod, recalled=r) for s, e, lod, r in spans]
     )
 
 
-def _push(spans: list[tuple[int, int, int]], start: int, end: int, lod: int) -> None:
-    if spans and spans[-1][2] == lod and spans[-1][1] == start:
-        spans[-1] = (spans[-1][0], end, lod)
+def _push(
+    spans: list[tuple[int, int, int, bool]], start: int, end: int, lod: int, recalled: bool
+) -> None:
+    last = spans[-1] if spans else None
+    if last is not None and (last[2], last[3]) == (lod, recalled) and last[1] == start:
+        spans[-1] = (last[0], end, lod, recalled)
     else:
-        spans.append((start, end, lod))
+        spans.append((start, end, lod, recalled))
 
 
 def tiling_from_spec(
@@ -61,15 +67,28 @@ def tiling_from_spec(
     """The whole-lifetime tiling a spec describes, or None if it does not start at token 0.
 
     Raises ValueError for a malformed spec: empty or reversed spans, gaps or overlaps, an end other
-    than `lifetime`, or a gist span that is not a run of whole aligned tree nodes."""
+    than `lifetime`, a gist span that is not a run of whole aligned tree nodes, or a recalled span
+    that is not whole raw blocks older than its place."""
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}")
-    spans: list[tuple[int, int, int]] = []
+    spans: list[tuple[int, int, int]] = []  # the timeline
+    recalls: list[tuple[int, int, int]] = []  # (place among `spans`, start, end)
     for s in spec.spans:
         start, end, lod = int(s.start), int(s.end), int(s.lod)
         if start >= end:
             raise ValueError(f"span [{start}, {end}) at LOD{lod} is empty or reversed")
-        if lod == 0 and spans and spans[-1][2] == 0 and spans[-1][1] == start:
+        if s.recalled:
+            frontier = spans[-1][1] if spans else 0
+            if lod or start % block_size or end % block_size or end > frontier:
+                raise ValueError(f"recalled span [{start}, {end}) is not whole older raw blocks")
+            recalls.append((len(spans), start, end))
+        elif (
+            lod == 0
+            and spans
+            and spans[-1][2] == 0
+            and spans[-1][1] == start
+            and (not recalls or recalls[-1][0] < len(spans))
+        ):
             spans[-1] = (spans[-1][0], end, 0)  # one raw run, however the writer split it
         else:
             spans.append((start, end, lod))
@@ -93,7 +112,9 @@ def tiling_from_spec(
         return None  # a window that dropped old text (recency): evaluation only
     loose_start = lifetime - lifetime % block_size
     units: list[Unit] = []
-    for start, end, lod in spans:
+    for k, (start, end, lod) in enumerate(spans):
+        for _, r_start, r_end in (r for r in recalls if r[0] == k):
+            units.extend((RECALL, i) for i in range(r_start // block_size, r_end // block_size))
         if lod > 0:
             size = block_size**lod
             units.extend((lod, i) for i in range(start // size, end // size))
@@ -106,6 +127,8 @@ def tiling_from_spec(
         if end < loose_start and end % block_size:
             raise ValueError(f"raw span [{start}, {end}) ends inside a block")
         units.extend((0, i) for i in range(start // block_size, stop // block_size))
+    for _, r_start, r_end in (r for r in recalls if r[0] == len(spans)):
+        units.extend((RECALL, i) for i in range(r_start // block_size, r_end // block_size))
     return Tiling(units, lifetime, block_size, gist_rows)
 
 

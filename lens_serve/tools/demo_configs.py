@@ -12,10 +12,11 @@ comes next.
     lens-serve demo [--model smollm2-135m] [--lifetime 6144] [--budget 1024] [--tail 128]"""
 
 SERVER_DEMO_DOC = """The real thing, end to end: start `lens-serve serve` on SmolLM2-135M with its
-embedded Redis, ingest a long held-out essay into a session, ask a question about it, stream the
-answer, and print the working-context map (which spans the model saw raw, which as gists).
+embedded Redis, put a fact deep into a long session of held-out essays, ask about it under `lens`
+and under `recency`, and print each answer and the working-context map (which spans the model saw
+raw, which as gists).
 
-    lens-serve demo-server [--model smollm2-135m] [--budget 1024]"""
+    lens-serve demo-server [--model smollm2-135m] [--budget 1024] [--chars 64000] [--depth 0.3]"""
 
 
 @dataclass(frozen=True)
@@ -32,4 +33,8 @@ class DemoConfig:
 class ServerDemoConfig:
     model: str = "smollm2-135m"
     budget: int = 1024
-    max_tokens: int = 64
+    max_tokens: int = 12
+    chars: int = 64_000
+    """Characters of held-out essays in the session (about 4 per token)."""
+    depth: float = 0.3
+    """Where the fact sits, as a share of the text."""

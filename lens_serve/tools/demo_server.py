@@ -18,7 +18,13 @@ from lens_serve.client import SyncLensClient
 from lens_serve.tools.demo_configs import ServerDemoConfig
 from lens_serve.v1 import lens_serve_pb2 as pb
 
-QUESTION = "In one sentence, what is the essay above about?"
+KEY, VALUE = "Kolvera", "48213"
+FACT = f"The special magic number for {KEY} is {VALUE}."
+PROMPT = (
+    f"\n\nQuestion: What is the special magic number for {KEY}?\n"
+    f"Answer: The special magic number for {KEY} is"
+)
+POLICIES = ("lens", "recency")
 START_TIMEOUT_S = 300  # a cold vLLM start compiles; seen 30-90 s on 2 CPU cores
 
 
@@ -49,43 +55,64 @@ def _start_server(model: str, data_dir: Path) -> tuple[subprocess.Popen[str], st
 def span_map(wc: pb.WorkingContext) -> str:
     lines = []
     for s in wc.spans:
-        kind = "raw " if s.lod == 0 else f"LOD{s.lod}"
+        kind = ("recalled" if s.recalled else "raw     ") if s.lod == 0 else f"LOD{s.lod}    "
         lines.append(f"    {kind} tokens [{s.start:>5}, {s.end:>5})  {s.rows:>4} rows")
     if frame := wc.rows - sum(s.rows for s in wc.spans):
         lines.append(f"    the gists' frame            {frame:>4} rows")
     return "\n".join(lines)
 
 
+def long_text(chars: int, depth: float) -> str:
+    """Held-out essays up to `chars` characters, with FACT after the paragraph at `depth`."""
+    text = "\n\n".join(corpus.split(corpus.essays(), held_out=True).values())[:chars]
+    cut = text.index("\n\n", int(depth * len(text)))
+    return f"{text[:cut]}\n\n{FACT}{text[cut:]}"
+
+
 def run(config: ServerDemoConfig, out: TextIO = sys.stdout) -> None:
-    essay_name, essay = sorted(corpus.split(corpus.essays(), held_out=True).items())[0]
+    text = long_text(config.chars, config.depth)
     with tempfile.TemporaryDirectory(prefix="lens-demo-") as tmp:
         server, target = _start_server(config.model, Path(tmp))
         try:
             with SyncLensClient(target) as client:
-                out.write(f"server on {target}; model {config.model}\n")
-                session = client.create_session()
-                appended = client.append(session.session_id, text=essay)
                 out.write(
-                    f"appended essay '{essay_name}': {appended.lifetime_tokens} tokens "
-                    f"into session {session.session_id}\n\nQ: {QUESTION}\nA: "
+                    f"server on {target}; model {config.model}\n"
+                    f"fact at {config.depth:.0%} of {len(text)} characters of held-out essays: "
+                    f"{FACT!r}\nprompt: {PROMPT!r}\n"
                 )
-                usage = pb.Usage()
-                for chunk in client.generate(
-                    QUESTION, session_id=session.session_id, chat=True,
-                    max_tokens=config.max_tokens, wc_budget=config.budget,
-                ):  # fmt: skip
-                    out.write(chunk.text)
-                    out.flush()
-                    if chunk.HasField("usage"):
-                        usage = chunk.usage
-                out.write(
-                    f"\n\nusage: lifetime {usage.lifetime_tokens} tokens, WC {usage.wc_rows} rows "
-                    f"(budget {config.budget}), {usage.gist_covered_tokens} tokens as gists, "
-                    f"LensNet {usage.lens_version}, WC chosen in {usage.wc_choice_ms:.1f} ms, "
-                    f"{usage.cached_rows} rows from the prefix cache\n"
-                )
-                wc = client.working_context(session.session_id, wc_budget=config.budget)
-                out.write(f"working context now ({wc.rows} rows):\n{span_map(wc)}\n")
+                for policy in POLICIES:
+                    _ask(client, text, policy, config, out)
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=60)
+
+
+def _ask(
+    client: SyncLensClient, text: str, policy: str, config: ServerDemoConfig, out: TextIO
+) -> None:
+    """A fresh session of `text`, the spans `policy` shows for the prompt, then its answer."""
+    session = client.create_session().session_id
+    try:
+        client.append(session, text=text)
+        wc = client.working_context(session, wc_budget=config.budget, policy=policy, query=PROMPT)
+        out.write(
+            f"\n[{policy}] working context for the prompt ({wc.rows} rows):\n{span_map(wc)}\n"
+        )
+        usage = pb.Usage()
+        answer = ""
+        for chunk in client.generate(
+            PROMPT, session_id=session, max_tokens=config.max_tokens, temperature=0.0,
+            wc_budget=config.budget, policy=policy,
+        ):  # fmt: skip
+            answer += chunk.text
+            if chunk.HasField("usage"):
+                usage = chunk.usage
+        verdict = "right" if VALUE in answer else "wrong"
+        out.write(
+            f"[{policy}] answer: {answer.strip()!r} ({verdict}); lifetime {usage.lifetime_tokens} "
+            f"tokens, WC {usage.wc_rows} rows, {usage.gist_covered_tokens} tokens as gists, "
+            f"chosen for the {usage.query_source} ({usage.query_tokens} tokens) in "
+            f"{usage.wc_choice_ms:.1f} ms\n"
+        )
+    finally:
+        client.delete_session(session)

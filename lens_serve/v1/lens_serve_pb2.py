@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elens_serve/v1/lens_serve.proto\x12\rlens_serve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\x16\n\x14\x43reateSessionRequest\"v\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"D\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"V\n\x0e\x41ppendResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x61ppended_tokens\x18\x03 \x01(\x04\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.lens_serve.v1.SamplingParams\x12\x11\n\twc_budget\x18\x05 \x01(\r\x12%\n\x06policy\x18\x06 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x0c\n\x04\x63hat\x18\x07 \x01(\x08\"\x81\x02\n\x05Usage\x12\x17\n\x0flifetime_tokens\x18\x01 \x01(\x04\x12\x0f\n\x07wc_rows\x18\x02 \x01(\r\x12\x1b\n\x13gist_covered_tokens\x18\x03 \x01(\x04\x12\x14\n\x0clens_version\x18\x04 \x01(\t\x12\x14\n\x0cwc_choice_ms\x18\x05 \x01(\x01\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_rows\x18\x07 \x01(\r\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12%\n\x06policy\x18\t \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x17\n\x0fgistnet_version\x18\n \x01(\t\"\x83\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.lens_serve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xbe\x01\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x03 \x01(\t\x12\x11\n\twc_budget\x18\x04 \x01(\r\x12%\n\x06policy\x18\x05 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x19\n\x11\x63ontext_token_ids\x18\x06 \x03(\x05\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x07 \x03(\x05\"\x8c\x01\n\rScoreResponse\x12\x10\n\x08mean_nll\x18\x01 \x01(\x01\x12\x11\n\ttoken_nll\x18\x02 \x03(\x02\x12\x36\n\x0fworking_context\x18\x03 \x01(\x0b\x32\x1d.lens_serve.v1.WorkingContext\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x04 \x03(\x05\"h\n\x18GetWorkingContextRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\twc_budget\x18\x02 \x01(\r\x12%\n\x06policy\x18\x03 \x01(\x0e\x32\x15.lens_serve.v1.Policy\"L\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0b\n\x03lod\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04rows\x18\x05 \x01(\r\"\xaa\x01\n\x0eWorkingContext\x12\"\n\x05spans\x18\x01 \x03(\x0b\x32\x13.lens_serve.v1.Span\x12\x14\n\x0clens_version\x18\x02 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x03 \x01(\x04\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12\x0e\n\x06\x62udget\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x17\n\x0fgistnet_version\x18\x07 \x01(\t\"\x16\n\x14GetLensStatusRequest\"t\n\x0bLensVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\"\x81\x01\n\nLensStatus\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x30\n\x0cversion_info\x18\x03 \x03(\x0b\x32\x1a.lens_serve.v1.LensVersion\x12\x16\n\x0eloaded_version\x18\x04 \x01(\t\"(\n\x15SetLensVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"K\n\x16SetLensVersionResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"3\n\x08SpanSpec\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0b\n\x03lod\x18\x03 \x01(\r\"<\n\x12WorkingContextSpec\x12&\n\x05spans\x18\x01 \x03(\x0b\x32\x17.lens_serve.v1.SpanSpec\"\x99\x01\n\rShadowVariant\x12/\n\x04spec\x18\x01 \x01(\x0b\x32!.lens_serve.v1.WorkingContextSpec\x12\x10\n\x08mean_nll\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08log_prob\x18\x04 \x01(\x01\x12\x12\n\nedit_probs\x18\x05 \x03(\x01\x12\x11\n\ttoken_nll\x18\x06 \x03(\x02\"\x85\x03\n\x10PreferenceRecord\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fgistnet_version\x18\x02 \x01(\t\x12\x14\n\x0clens_version\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tgist_rows\x18\x05 \x01(\r\x12\x0c\n\x04tail\x18\x06 \x01(\r\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x1a\n\x12lifetime_token_ids\x18\x08 \x03(\x05\x12\x14\n\x0cwindow_start\x18\t \x01(\x04\x12\x18\n\x10target_token_ids\x18\n \x03(\x05\x12.\n\x08variants\x18\x0b \x03(\x0b\x32\x1c.lens_serve.v1.ShadowVariant\x12\x15\n\rcreated_at_ms\x18\x0c \x01(\x03\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x12\x12\n\nsession_id\x18\x0f \x01(\t\x12%\n\x06policy\x18\x10 \x01(\x0e\x32\x15.lens_serve.v1.Policy*}\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOLICY_LENS\x10\x01\x12\x12\n\x0ePOLICY_RECENCY\x10\x02\x12\x12\n\x0ePOLICY_UNIFORM\x10\x03\x12\x11\n\rPOLICY_RANDOM\x10\x04\x12\x0f\n\x0bPOLICY_FULL\x10\x05\x32\xb6\x04\n\tLensServe\x12L\n\rCreateSession\x12#.lens_serve.v1.CreateSessionRequest\x1a\x16.lens_serve.v1.Session\x12Z\n\rDeleteSession\x12#.lens_serve.v1.DeleteSessionRequest\x1a$.lens_serve.v1.DeleteSessionResponse\x12\x46\n\nGetSession\x12 .lens_serve.v1.GetSessionRequest\x1a\x16.lens_serve.v1.Session\x12G\n\x06\x41ppend\x12\x1c.lens_serve.v1.AppendRequest\x1a\x1d.lens_serve.v1.AppendResponse(\x01\x12M\n\x08Generate\x12\x1e.lens_serve.v1.GenerateRequest\x1a\x1f.lens_serve.v1.GenerateResponse0\x01\x12\x42\n\x05Score\x12\x1b.lens_serve.v1.ScoreRequest\x1a\x1c.lens_serve.v1.ScoreResponse\x12[\n\x11GetWorkingContext\x12\'.lens_serve.v1.GetWorkingContextRequest\x1a\x1d.lens_serve.v1.WorkingContext2\xbb\x01\n\tLensAdmin\x12O\n\rGetLensStatus\x12#.lens_serve.v1.GetLensStatusRequest\x1a\x19.lens_serve.v1.LensStatus\x12]\n\x0eSetLensVersion\x12$.lens_serve.v1.SetLensVersionRequest\x1a%.lens_serve.v1.SetLensVersionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elens_serve/v1/lens_serve.proto\x12\rlens_serve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x0c\n\x04seed\x18\x04 \x01(\x04\x12\x0c\n\x04stop\x18\x05 \x03(\t\"\x16\n\x14\x43reateSessionRequest\"v\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x02 \x01(\x04\x12\x0e\n\x06levels\x18\x03 \x01(\r\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14\x44\x65leteSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteSessionResponse\"\'\n\x11GetSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"D\n\rAppendRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"V\n\x0e\x41ppendResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x61ppended_tokens\x18\x03 \x01(\x04\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.lens_serve.v1.SamplingParams\x12\x11\n\twc_budget\x18\x05 \x01(\r\x12%\n\x06policy\x18\x06 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x0c\n\x04\x63hat\x18\x07 \x01(\x08\"\xad\x02\n\x05Usage\x12\x17\n\x0flifetime_tokens\x18\x01 \x01(\x04\x12\x0f\n\x07wc_rows\x18\x02 \x01(\r\x12\x1b\n\x13gist_covered_tokens\x18\x03 \x01(\x04\x12\x14\n\x0clens_version\x18\x04 \x01(\t\x12\x14\n\x0cwc_choice_ms\x18\x05 \x01(\x01\x12\x19\n\x11\x63ompletion_tokens\x18\x06 \x01(\r\x12\x13\n\x0b\x63\x61\x63hed_rows\x18\x07 \x01(\r\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12%\n\x06policy\x18\t \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x17\n\x0fgistnet_version\x18\n \x01(\t\x12\x14\n\x0cquery_source\x18\x0b \x01(\t\x12\x14\n\x0cquery_tokens\x18\x0c \x01(\r\"\x83\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.lens_serve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xe6\x01\n\x0cScoreRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontext\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x03 \x01(\t\x12\x11\n\twc_budget\x18\x04 \x01(\r\x12%\n\x06policy\x18\x05 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x19\n\x11\x63ontext_token_ids\x18\x06 \x03(\x05\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x07 \x03(\x05\x12\r\n\x05query\x18\x08 \x01(\t\x12\x17\n\x0fquery_token_ids\x18\t \x03(\x05\"\x8c\x01\n\rScoreResponse\x12\x10\n\x08mean_nll\x18\x01 \x01(\x01\x12\x11\n\ttoken_nll\x18\x02 \x03(\x02\x12\x36\n\x0fworking_context\x18\x03 \x01(\x0b\x32\x1d.lens_serve.v1.WorkingContext\x12\x1e\n\x16\x63ontinuation_token_ids\x18\x04 \x03(\x05\"\x90\x01\n\x18GetWorkingContextRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\twc_budget\x18\x02 \x01(\r\x12%\n\x06policy\x18\x03 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\r\n\x05query\x18\x04 \x01(\t\x12\x17\n\x0fquery_token_ids\x18\x05 \x03(\x05\"^\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0b\n\x03lod\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x0c\n\x04rows\x18\x05 \x01(\r\x12\x10\n\x08recalled\x18\x06 \x01(\x08\"\xd6\x01\n\x0eWorkingContext\x12\"\n\x05spans\x18\x01 \x03(\x0b\x32\x13.lens_serve.v1.Span\x12\x14\n\x0clens_version\x18\x02 \x01(\t\x12\x17\n\x0flifetime_tokens\x18\x03 \x01(\x04\x12\x0c\n\x04rows\x18\x04 \x01(\r\x12\x0e\n\x06\x62udget\x18\x05 \x01(\r\x12\x0e\n\x06policy\x18\x06 \x01(\t\x12\x17\n\x0fgistnet_version\x18\x07 \x01(\t\x12\x14\n\x0cquery_source\x18\x08 \x01(\t\x12\x14\n\x0cquery_tokens\x18\t \x01(\r\"\x16\n\x14GetLensStatusRequest\"t\n\x0bLensVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x14\n\x0cmetrics_json\x18\x04 \x01(\t\"\x81\x01\n\nLensStatus\x12\x17\n\x0f\x63urrent_version\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x30\n\x0cversion_info\x18\x03 \x03(\x0b\x32\x1a.lens_serve.v1.LensVersion\x12\x16\n\x0eloaded_version\x18\x04 \x01(\t\"(\n\x15SetLensVersionRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"K\n\x16SetLensVersionResponse\x12\x18\n\x10previous_version\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\t\"E\n\x08SpanSpec\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04\x12\x0b\n\x03lod\x18\x03 \x01(\r\x12\x10\n\x08recalled\x18\x04 \x01(\x08\"<\n\x12WorkingContextSpec\x12&\n\x05spans\x18\x01 \x03(\x0b\x32\x17.lens_serve.v1.SpanSpec\"\x99\x01\n\rShadowVariant\x12/\n\x04spec\x18\x01 \x01(\x0b\x32!.lens_serve.v1.WorkingContextSpec\x12\x10\n\x08mean_nll\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x10\n\x08log_prob\x18\x04 \x01(\x01\x12\x12\n\nedit_probs\x18\x05 \x03(\x01\x12\x11\n\ttoken_nll\x18\x06 \x03(\x02\"\x9e\x03\n\x10PreferenceRecord\x12\r\n\x05model\x18\x01 \x01(\t\x12\x17\n\x0fgistnet_version\x18\x02 \x01(\t\x12\x14\n\x0clens_version\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x11\n\tgist_rows\x18\x05 \x01(\r\x12\x0c\n\x04tail\x18\x06 \x01(\r\x12\x0e\n\x06\x62udget\x18\x07 \x01(\r\x12\x1a\n\x12lifetime_token_ids\x18\x08 \x03(\x05\x12\x14\n\x0cwindow_start\x18\t \x01(\x04\x12\x18\n\x10target_token_ids\x18\n \x03(\x05\x12.\n\x08variants\x18\x0b \x03(\x0b\x32\x1c.lens_serve.v1.ShadowVariant\x12\x15\n\rcreated_at_ms\x18\x0c \x01(\x03\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x0c\n\x04seed\x18\x0e \x01(\x04\x12\x12\n\nsession_id\x18\x0f \x01(\t\x12%\n\x06policy\x18\x10 \x01(\x0e\x32\x15.lens_serve.v1.Policy\x12\x17\n\x0fquery_token_ids\x18\x11 \x03(\x05*\x93\x01\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x0f\n\x0bPOLICY_LENS\x10\x01\x12\x12\n\x0ePOLICY_RECENCY\x10\x02\x12\x12\n\x0ePOLICY_UNIFORM\x10\x03\x12\x11\n\rPOLICY_RANDOM\x10\x04\x12\x0f\n\x0bPOLICY_FULL\x10\x05\x12\x14\n\x10POLICY_RETRIEVAL\x10\x06\x32\xb6\x04\n\tLensServe\x12L\n\rCreateSession\x12#.lens_serve.v1.CreateSessionRequest\x1a\x16.lens_serve.v1.Session\x12Z\n\rDeleteSession\x12#.lens_serve.v1.DeleteSessionRequest\x1a$.lens_serve.v1.DeleteSessionResponse\x12\x46\n\nGetSession\x12 .lens_serve.v1.GetSessionRequest\x1a\x16.lens_serve.v1.Session\x12G\n\x06\x41ppend\x12\x1c.lens_serve.v1.AppendRequest\x1a\x1d.lens_serve.v1.AppendResponse(\x01\x12M\n\x08Generate\x12\x1e.lens_serve.v1.GenerateRequest\x1a\x1f.lens_serve.v1.GenerateResponse0\x01\x12\x42\n\x05Score\x12\x1b.lens_serve.v1.ScoreRequest\x1a\x1c.lens_serve.v1.ScoreResponse\x12[\n\x11GetWorkingContext\x12\'.lens_serve.v1.GetWorkingContextRequest\x1a\x1d.lens_serve.v1.WorkingContext2\xbb\x01\n\tLensAdmin\x12O\n\rGetLensStatus\x12#.lens_serve.v1.GetLensStatusRequest\x1a\x19.lens_serve.v1.LensStatus\x12]\n\x0eSetLensVersion\x12$.lens_serve.v1.SetLensVersionRequest\x1a%.lens_serve.v1.SetLensVersionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lens_serve.v1.lens_serve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POLICY']._serialized_start=2942
-  _globals['_POLICY']._serialized_end=3067
+  _globals['_POLICY']._serialized_start=3173
+  _globals['_POLICY']._serialized_end=3320
   _globals['_SAMPLINGPARAMS']._serialized_start=82
   _globals['_SAMPLINGPARAMS']._serialized_end=182
   _globals['_CREATESESSIONREQUEST']._serialized_start=184
@@ -53,39 +53,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=597
   _globals['_GENERATEREQUEST']._serialized_end=797
   _globals['_USAGE']._serialized_start=800
-  _globals['_USAGE']._serialized_end=1057
-  _globals['_GENERATERESPONSE']._serialized_start=1060
-  _globals['_GENERATERESPONSE']._serialized_end=1191
-  _globals['_SCOREREQUEST']._serialized_start=1194
-  _globals['_SCOREREQUEST']._serialized_end=1384
-  _globals['_SCORERESPONSE']._serialized_start=1387
-  _globals['_SCORERESPONSE']._serialized_end=1527
-  _globals['_GETWORKINGCONTEXTREQUEST']._serialized_start=1529
-  _globals['_GETWORKINGCONTEXTREQUEST']._serialized_end=1633
-  _globals['_SPAN']._serialized_start=1635
-  _globals['_SPAN']._serialized_end=1711
-  _globals['_WORKINGCONTEXT']._serialized_start=1714
-  _globals['_WORKINGCONTEXT']._serialized_end=1884
-  _globals['_GETLENSSTATUSREQUEST']._serialized_start=1886
-  _globals['_GETLENSSTATUSREQUEST']._serialized_end=1908
-  _globals['_LENSVERSION']._serialized_start=1910
-  _globals['_LENSVERSION']._serialized_end=2026
-  _globals['_LENSSTATUS']._serialized_start=2029
-  _globals['_LENSSTATUS']._serialized_end=2158
-  _globals['_SETLENSVERSIONREQUEST']._serialized_start=2160
-  _globals['_SETLENSVERSIONREQUEST']._serialized_end=2200
-  _globals['_SETLENSVERSIONRESPONSE']._serialized_start=2202
-  _globals['_SETLENSVERSIONRESPONSE']._serialized_end=2277
-  _globals['_SPANSPEC']._serialized_start=2279
-  _globals['_SPANSPEC']._serialized_end=2330
-  _globals['_WORKINGCONTEXTSPEC']._serialized_start=2332
-  _globals['_WORKINGCONTEXTSPEC']._serialized_end=2392
-  _globals['_SHADOWVARIANT']._serialized_start=2395
-  _globals['_SHADOWVARIANT']._serialized_end=2548
-  _globals['_PREFERENCERECORD']._serialized_start=2551
-  _globals['_PREFERENCERECORD']._serialized_end=2940
-  _globals['_LENSSERVE']._serialized_start=3070
-  _globals['_LENSSERVE']._serialized_end=3636
-  _globals['_LENSADMIN']._serialized_start=3639
-  _globals['_LENSADMIN']._serialized_end=3826
+  _globals['_USAGE']._serialized_end=1101
+  _globals['_GENERATERESPONSE']._serialized_start=1104
+  _globals['_GENERATERESPONSE']._serialized_end=1235
+  _globals['_SCOREREQUEST']._serialized_start=1238
+  _globals['_SCOREREQUEST']._serialized_end=1468
+  _globals['_SCORERESPONSE']._serialized_start=1471
+  _globals['_SCORERESPONSE']._serialized_end=1611
+  _globals['_GETWORKINGCONTEXTREQUEST']._serialized_start=1614
+  _globals['_GETWORKINGCONTEXTREQUEST']._serialized_end=1758
+  _globals['_SPAN']._serialized_start=1760
+  _globals['_SPAN']._serialized_end=1854
+  _globals['_WORKINGCONTEXT']._serialized_start=1857
+  _globals['_WORKINGCONTEXT']._serialized_end=2071
+  _globals['_GETLENSSTATUSREQUEST']._serialized_start=2073
+  _globals['_GETLENSSTATUSREQUEST']._serialized_end=2095
+  _globals['_LENSVERSION']._serialized_start=2097
+  _globals['_LENSVERSION']._serialized_end=2213
+  _globals['_LENSSTATUS']._serialized_start=2216
+  _globals['_LENSSTATUS']._serialized_end=2345
+  _globals['_SETLENSVERSIONREQUEST']._serialized_start=2347
+  _globals['_SETLENSVERSIONREQUEST']._serialized_end=2387
+  _globals['_SETLENSVERSIONRESPONSE']._serialized_start=2389
+  _globals['_SETLENSVERSIONRESPONSE']._serialized_end=2464
+  _globals['_SPANSPEC']._serialized_start=2466
+  _globals['_SPANSPEC']._serialized_end=2535
+  _globals['_WORKINGCONTEXTSPEC']._serialized_start=2537
+  _globals['_WORKINGCONTEXTSPEC']._serialized_end=2597
+  _globals['_SHADOWVARIANT']._serialized_start=2600
+  _globals['_SHADOWVARIANT']._serialized_end=2753
+  _globals['_PREFERENCERECORD']._serialized_start=2756
+  _globals['_PREFERENCERECORD']._serialized_end=3170
+  _globals['_LENSSERVE']._serialized_start=3323
+  _globals['_LENSSERVE']._serialized_end=3889
+  _globals['_LENSADMIN']._serialized_start=3892
+  _globals['_LENSADMIN']._serialized_end=4079
 # @@protoc_insertion_point(module_scope)

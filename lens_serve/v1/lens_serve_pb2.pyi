@@ -41,6 +41,10 @@ class _PolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Policy.ValueTy
     """A random legal tiling of the whole lifetime (seeded by sampling.seed); a sanity baseline."""
     POLICY_FULL: _Policy.ValueType  # 5
     """Everything raw; only valid when the whole lifetime fits the model."""
+    POLICY_RETRIEVAL: _Policy.ValueType  # 6
+    """The blocks BM25 ranks best for the query shown raw with their neighbours, everything else
+    newest-first at the finest level that fits, the raw tail always.
+    """
 
 class Policy(_Policy, metaclass=_PolicyEnumTypeWrapper):
     """How a working context (WC) is chosen. Baselines are first-class so users can compare."""
@@ -57,6 +61,10 @@ POLICY_RANDOM: Policy.ValueType  # 4
 """A random legal tiling of the whole lifetime (seeded by sampling.seed); a sanity baseline."""
 POLICY_FULL: Policy.ValueType  # 5
 """Everything raw; only valid when the whole lifetime fits the model."""
+POLICY_RETRIEVAL: Policy.ValueType  # 6
+"""The blocks BM25 ranks best for the query shown raw with their neighbours, everything else
+newest-first at the finest level that fits, the raw tail always.
+"""
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
 
 @_typing.final
@@ -341,6 +349,8 @@ class Usage(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     GISTNET_VERSION_FIELD_NUMBER: _builtins.int
+    QUERY_SOURCE_FIELD_NUMBER: _builtins.int
+    QUERY_TOKENS_FIELD_NUMBER: _builtins.int
     lifetime_tokens: _builtins.int
     """Lifetime tokens of the context the WC was chosen over (session + prompt)."""
     wc_rows: _builtins.int
@@ -361,6 +371,12 @@ class Usage(_message.Message):
     """The policy actually used (the server default resolved)."""
     gistnet_version: _builtins.str
     """GistNet version whose gists are in the WC ("tokens" for the training-free default)."""
+    query_source: _builtins.str
+    """What the working context was chosen for: "prompt" (a session's new prompt; with chat, the
+    user's message), "query" (the request's query field) or "newest" (the newest tokens).
+    """
+    query_tokens: _builtins.int
+    """Tokens in that query."""
     def __init__(
         self,
         *,
@@ -374,10 +390,12 @@ class Usage(_message.Message):
         prompt_tokens: _builtins.int = ...,
         policy: Global___Policy.ValueType = ...,
         gistnet_version: _builtins.str = ...,
+        query_source: _builtins.str = ...,
+        query_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_rows", b"cached_rows", "completion_tokens", b"completion_tokens", "gist_covered_tokens", b"gist_covered_tokens", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "wc_choice_ms", b"wc_choice_ms", "wc_rows", b"wc_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_rows", b"cached_rows", "completion_tokens", b"completion_tokens", "gist_covered_tokens", b"gist_covered_tokens", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "query_source", b"query_source", "query_tokens", b"query_tokens", "wc_choice_ms", b"wc_choice_ms", "wc_rows", b"wc_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -438,6 +456,8 @@ class ScoreRequest(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     CONTEXT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     CONTINUATION_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    QUERY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional session whose lifetime is the start of the context; not modified."""
     context: _builtins.str
@@ -448,6 +468,8 @@ class ScoreRequest(_message.Message):
     """Working-context budget in rows; 0 means the server default."""
     policy: Global___Policy.ValueType
     """How the working context is chosen; UNSPECIFIED means the server default (LENS)."""
+    query: _builtins.str
+    """What the working context must serve (text); default: the newest tokens of the context."""
     @_builtins.property
     def context_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Context as token ids (instead of `context`)."""
@@ -455,6 +477,10 @@ class ScoreRequest(_message.Message):
     @_builtins.property
     def continuation_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Continuation as token ids (instead of `continuation`)."""
+
+    @_builtins.property
+    def query_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The query as token ids (give query or query_token_ids, not both)."""
 
     def __init__(
         self,
@@ -466,10 +492,12 @@ class ScoreRequest(_message.Message):
         policy: Global___Policy.ValueType = ...,
         context_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         continuation_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        query: _builtins.str = ...,
+        query_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "context_token_ids", b"context_token_ids", "continuation", b"continuation", "continuation_token_ids", b"continuation_token_ids", "policy", b"policy", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "context_token_ids", b"context_token_ids", "continuation", b"continuation", "continuation_token_ids", b"continuation_token_ids", "policy", b"policy", "query", b"query", "query_token_ids", b"query_token_ids", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -524,22 +552,32 @@ class GetWorkingContextRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     WC_BUDGET_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    QUERY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """The session whose working context is wanted."""
     wc_budget: _builtins.int
     """Working-context budget in rows; 0 means the server default."""
     policy: Global___Policy.ValueType
     """How the working context is chosen; UNSPECIFIED means the server default (LENS)."""
+    query: _builtins.str
+    """What the working context must serve (text); default: the session's newest tokens."""
+    @_builtins.property
+    def query_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The query as token ids (give query or query_token_ids, not both)."""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         wc_budget: _builtins.int = ...,
         policy: Global___Policy.ValueType = ...,
+        query: _builtins.str = ...,
+        query_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "query", b"query", "query_token_ids", b"query_token_ids", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,6 +594,7 @@ class Span(_message.Message):
     LOD_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    RECALLED_FIELD_NUMBER: _builtins.int
     start: _builtins.int
     """First lifetime token covered (inclusive)."""
     end: _builtins.int
@@ -566,6 +605,8 @@ class Span(_message.Message):
     """Mean LensNet score of the run's entries (> 0 expand, < 0 collapse); 0 for baselines."""
     rows: _builtins.int
     """WC rows the run takes."""
+    recalled: _builtins.bool
+    """Raw copies of older text placed here, out of timeline order (recalled for the question)."""
     def __init__(
         self,
         *,
@@ -574,10 +615,11 @@ class Span(_message.Message):
         lod: _builtins.int = ...,
         score: _builtins.float = ...,
         rows: _builtins.int = ...,
+        recalled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lod", b"lod", "rows", b"rows", "score", b"score", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lod", b"lod", "recalled", b"recalled", "rows", b"rows", "score", b"score", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -596,6 +638,8 @@ class WorkingContext(_message.Message):
     BUDGET_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     GISTNET_VERSION_FIELD_NUMBER: _builtins.int
+    QUERY_SOURCE_FIELD_NUMBER: _builtins.int
+    QUERY_TOKENS_FIELD_NUMBER: _builtins.int
     lens_version: _builtins.str
     """LensNet version that chose it (empty for baseline policies)."""
     lifetime_tokens: _builtins.int
@@ -610,6 +654,10 @@ class WorkingContext(_message.Message):
     """Name of the policy that chose it ("lens", "recency", "uniform", "random", "full")."""
     gistnet_version: _builtins.str
     """GistNet version of its gists ("tokens" for the training-free default)."""
+    query_source: _builtins.str
+    """What it was chosen for: "prompt", "query" or "newest" (see Usage.query_source)."""
+    query_tokens: _builtins.int
+    """Tokens in that query."""
     @_builtins.property
     def spans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Span]:
         """Spans in timeline order."""
@@ -624,10 +672,12 @@ class WorkingContext(_message.Message):
         budget: _builtins.int = ...,
         policy: _builtins.str = ...,
         gistnet_version: _builtins.str = ...,
+        query_source: _builtins.str = ...,
+        query_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "rows", b"rows", "spans", b"spans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "query_source", b"query_source", "query_tokens", b"query_tokens", "rows", b"rows", "spans", b"spans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,22 +831,28 @@ class SpanSpec(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     LOD_FIELD_NUMBER: _builtins.int
+    RECALLED_FIELD_NUMBER: _builtins.int
     start: _builtins.int
     """First lifetime token covered (inclusive)."""
     end: _builtins.int
     """Last lifetime token covered (exclusive)."""
     lod: _builtins.int
     """Level of detail: 0 raw tokens, k gists of B^k tokens each."""
+    recalled: _builtins.bool
+    """Raw copies of older whole blocks placed here, out of timeline order (a continuing session's
+    recall of what a new question asks for); not part of the contiguous timeline.
+    """
     def __init__(
         self,
         *,
         start: _builtins.int = ...,
         end: _builtins.int = ...,
         lod: _builtins.int = ...,
+        recalled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lod", b"lod", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "lod", b"lod", "recalled", b"recalled", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -900,6 +956,7 @@ class PreferenceRecord(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
+    QUERY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Base model name the NLLs were measured with."""
     gistnet_version: _builtins.str
@@ -940,6 +997,12 @@ class PreferenceRecord(_message.Message):
     def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShadowVariant]:
         """The measured variants; exactly one has kind "served" and it comes first."""
 
+    @_builtins.property
+    def query_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The query the served working context was chosen for (empty: the newest tokens, as in records
+        written before this field).
+        """
+
     def __init__(
         self,
         *,
@@ -959,10 +1022,11 @@ class PreferenceRecord(_message.Message):
         seed: _builtins.int = ...,
         session_id: _builtins.str = ...,
         policy: Global___Policy.ValueType = ...,
+        query_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "budget", b"budget", "created_at_ms", b"created_at_ms", "gist_rows", b"gist_rows", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_token_ids", b"lifetime_token_ids", "model", b"model", "policy", b"policy", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "tail", b"tail", "target_token_ids", b"target_token_ids", "variants", b"variants", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "budget", b"budget", "created_at_ms", b"created_at_ms", "gist_rows", b"gist_rows", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_token_ids", b"lifetime_token_ids", "model", b"model", "policy", b"policy", "query_token_ids", b"query_token_ids", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "tail", b"tail", "target_token_ids", b"target_token_ids", "variants", b"variants", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -6,7 +6,7 @@ import pytest
 from lens_serve.core.allocator import FocusConfig, FocusState, refocus
 from lens_serve.core.context import Tiling, check_invariants, coarsest_tiling, fill_newest_first
 from lens_serve.errors import InvalidRequest
-from tests.core_helpers import chooser, make_tree, node_counts
+from tests.core_helpers import NO_RETRIEVAL, chooser, make_tree, node_counts
 
 B = 4
 
@@ -56,7 +56,7 @@ def test_deadband_blocks_swaps_between_close_scores() -> None:
 
 def test_new_tokens_over_budget_collapse_near_the_tail_to_keep_the_prefix() -> None:
     tree = make_tree(2000, block_size=B)
-    chooser_ = chooser(focus=FocusConfig(refit_headroom=0))  # the least the budget needs
+    chooser_ = chooser(focus=FocusConfig(refit_headroom=0), retrieval=NO_RETRIEVAL)  # least needed
     chooser_.lensnet.head.weight.data.zero_()  # flat scores: only the cache cost decides
     chooser_.lensnet.head.bias.data.zero_()
     first = chooser_.choose(tree, "lens", 300, 16)
@@ -72,7 +72,7 @@ def test_new_tokens_over_budget_collapse_near_the_tail_to_keep_the_prefix() -> N
 
 def test_a_refit_leaves_headroom_so_the_next_turns_only_append() -> None:
     tree = make_tree(2000, block_size=B)
-    chooser_ = chooser()
+    chooser_ = chooser(retrieval=NO_RETRIEVAL)  # the allocator's own refit, without recalls
     chooser_.lensnet.head.weight.data.zero_()
     chooser_.lensnet.head.bias.data.zero_()
     turn = chooser_.choose(tree, "lens", 300, 16)

@@ -75,3 +75,50 @@ def test_lensnet_inputs_carry_the_match_of_each_unit() -> None:
     query = tokens[-QUERY_TOKENS:]  # the newest tokens, not the whole tail
     assert np.allclose(match[:-1], brute_match(tokens, query, spans), atol=1e-6)
     assert match[-1] == 1.0  # the partial block is part of the query
+
+
+def brute_bm25(tokens: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """BM25 spelled out over the complete blocks (k1 = 1.2, RSJ IDF floored at 0)."""
+    blocks = [tokens[i : i + B].tolist() for i in range(0, len(tokens) - B + 1, B)]
+    n = len(blocks)
+    out = np.zeros(n)
+    for word in set(query.tolist()):
+        df = sum(word in block for block in blocks)
+        idf = max(math.log((n - df + 0.5) / (df + 0.5)), 0.0) if df else 0.0
+        for i, block in enumerate(blocks):
+            tf = block.count(word)
+            out[i] += idf * tf * 2.2 / (tf + 1.2)
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chunks=st.lists(st.integers(0, 12), min_size=1, max_size=6),
+    vocab=st.integers(2, 40),
+    seed=st.integers(0, 1000),
+)
+def test_bm25_equals_the_definition_however_the_blocks_arrive(
+    chunks: list[int], vocab: int, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    n_blocks = sum(chunks) + 1
+    tokens = rng.integers(0, vocab, n_blocks * B)
+    index = BlockIndex(B)
+    at = 0
+    for size in [*chunks, 1]:
+        index.add_blocks(tokens[at * B : (at + size) * B].reshape(-1, B))
+        at += size
+    query = np.concatenate([tokens[-5:], rng.integers(0, vocab, 3)])
+    np.testing.assert_allclose(index.bm25(query), brute_bm25(tokens, query), rtol=1e-9)
+
+
+def test_bm25_ranks_the_block_with_the_rare_word_first_and_counts_repeats() -> None:
+    index = BlockIndex(B)
+    common, rare = 1, 7
+    blocks = np.full((20, B), common)
+    blocks[5, 0] = rare
+    blocks[12, :2] = rare  # twice: a higher term frequency
+    index.add_blocks(blocks)
+    scores = index.bm25(np.array([common, rare, rare]))  # a repeated query word counts once
+    assert int(np.argmax(scores)) == 12 and scores[5] > 0
+    assert np.count_nonzero(scores) == 2  # `common` is in every block: it adds nothing

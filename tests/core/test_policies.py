@@ -14,6 +14,7 @@ from lens_serve.core.assembly import assemble, layout, shown_token_ids
 from lens_serve.core.context import check_invariants, coarsest_tiling
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.core.policies import POLICIES, ContextChooser
+from lens_serve.core.retrieval import RetrievalConfig
 from lens_serve.errors import InvalidRequest
 from tests.core_helpers import (
     HIDDEN,
@@ -51,7 +52,7 @@ def test_policy_holds_invariants_for_random_inputs(
     assume(tail < budget)
     tree = make_tree(lifetime, block_size, rows, seed=seed % 7, listed=listed)
     coarse = coarsest_tiling(lifetime, tail, tree.levels, block_size, rows, tree.frame_rows)
-    needs_whole = policy in ("lens", "uniform", "random")
+    needs_whole = policy in ("lens", "uniform", "random", "retrieval")
     expect_error = (needs_whole and coarse.rows > budget) or (
         policy == "full" and lifetime > budget
     )
@@ -167,7 +168,8 @@ def test_a_fresh_lens_choice_refines_a_deep_span_down_to_raw_tokens() -> None:
     net = QuerySeekingLensNet(LensNetConfig(hidden_size=HIDDEN, width=8, heads=2))
 
     def lod_of_the_needle(rounds: int) -> int:
-        chooser_ = ContextChooser(net, FocusConfig(fresh_rounds=rounds))
+        # No retrieval prior: this is about what LensNet's own scores reach.
+        chooser_ = ContextChooser(net, FocusConfig(fresh_rounds=rounds), RetrievalConfig(blocks=0))
         wc = chooser_.choose(tree, "lens", budget, tail).working_context
         check_invariants(wc, budget, tail, node_counts(tree))
         return int(wc.lods[np.searchsorted(wc.starts, 6, side="right") - 1])

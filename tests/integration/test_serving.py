@@ -282,3 +282,50 @@ async def test_redis_session_state_is_in_redis(stack: Stack) -> None:
     keys = await stack.redis.keys(f"lens:session:{session_id}*")
     assert len(keys) == 2 and await stack.redis.ttl(keys[0]) > 0
     assert isinstance(stack.redis, Redis)
+
+
+async def test_the_working_context_follows_the_query_and_says_which(stack: Stack) -> None:
+    """A rare token planted deep in a session: `retrieval` and `lens` show its block raw when the
+    query asks for it, and every response names the query its working context was chosen for."""
+    tokens = [(7 * i) % 3000 + 100 for i in range(6000)]  # a long session of common ids
+    planted, rare = 1234, 4000  # id 4000 occurs nowhere else
+    tokens[planted] = rare
+    session = await stack.stub.CreateSession(pb.CreateSessionRequest())
+    await stack.stub.Append(
+        iter([pb.AppendRequest(session_id=session.session_id, token_ids=tokens)])
+    )
+    for policy in (pb.POLICY_RETRIEVAL, pb.POLICY_LENS):
+        wc = await stack.stub.GetWorkingContext(
+            pb.GetWorkingContextRequest(
+                session_id=session.session_id, wc_budget=512, policy=policy,
+                query_token_ids=[rare],
+            )
+        )  # fmt: skip
+        assert wc.query_source == "query" and wc.query_tokens == 1
+        (at,) = [s for s in wc.spans if s.start <= planted < s.end]
+        assert at.lod == 0, (pb.Policy.Name(policy), at)
+        newest = await stack.stub.GetWorkingContext(
+            pb.GetWorkingContextRequest(session_id=session.session_id, wc_budget=512, policy=policy)
+        )
+        assert newest.query_source == "newest"
+        (far,) = [s for s in newest.spans if s.start <= planted < s.end]
+        assert far.lod > 0  # the newest tokens do not ask for it
+    score = await stack.stub.Score(
+        pb.ScoreRequest(session_id=session.session_id, continuation_token_ids=[5, 6],
+                        policy=pb.POLICY_RETRIEVAL, wc_budget=512, query_token_ids=[rare])
+    )  # fmt: skip
+    assert score.working_context.query_source == "query"
+    chunks = await _generate(
+        stack,
+        pb.GenerateRequest(session_id=session.session_id, prompt_token_ids=[rare, 7, 8],
+                           wc_budget=512, sampling=pb.SamplingParams(max_tokens=2)),
+    )  # fmt: skip
+    usage = chunks[-1].usage
+    assert (usage.query_source, usage.query_tokens) == ("prompt", 3)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.GetWorkingContext(
+            pb.GetWorkingContextRequest(session_id=session.session_id, query="x",
+                                        query_token_ids=[1])
+        )  # fmt: skip
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "query" in (refused.value.details() or "")

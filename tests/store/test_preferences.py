@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from lens_serve.core.context import Tiling, coarsest_tiling, fill_newest_first, levels_for
+from lens_serve.core.context import (
+    RECALL,
+    Tiling,
+    coarsest_tiling,
+    fill_newest_first,
+    levels_for,
+)
 from lens_serve.core.policies import recency
 from lens_serve.core.sampler import sample_variant
 from lens_serve.store.preferences import (
@@ -78,6 +84,39 @@ def test_tiling_from_spec_accepts_raw_runs_split_by_the_writer() -> None:
     tiling = tiling_from_spec(spec, 26, 4, 1)
     assert tiling is not None
     assert tiling.units == [(2, 0), (0, 4), (0, 5)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lifetime=st.integers(64, 2000),
+    recalled=st.lists(st.integers(0, 10), min_size=1, max_size=4, unique=True),
+    where=st.integers(0, 1000),
+    seed=st.integers(0, 2**16),
+)
+def test_spec_round_trips_a_tiling_with_recalled_blocks(
+    lifetime: int, recalled: list[int], where: int, seed: int
+) -> None:
+    tiling = _random_tiling(lifetime, 4, 1, 40, 3, seed)
+    # Recall copies of blocks older than their place (a block before the first unit's end).
+    at = where % (len(tiling.units) + 1)
+    frontier = tiling.unit_span(tiling.units[at - 1])[1] // 4 if at else 0
+    blocks = sorted(b for b in recalled if b < frontier)
+    units = [*tiling.units[:at], *((RECALL, b) for b in blocks), *tiling.units[at:]]
+    with_recall = tiling.with_units(units)
+    spec = spec_from_tiling(with_recall)
+    back = tiling_from_spec(spec, lifetime, 4, 1)
+    assert back is not None and back.units == with_recall.units
+    assert spec_from_working_context(with_recall.to_working_context("lens")) == spec
+    assert sum(s.end - s.start for s in spec.spans if s.recalled) == 4 * len(blocks)
+
+
+def test_tiling_from_spec_refuses_a_recall_of_text_not_yet_seen() -> None:
+    spec = _spec((0, 16, 2), (16, 20, 0))
+    spec.spans.insert(1, pb.SpanSpec(start=12, end=16, lod=0, recalled=True))
+    assert tiling_from_spec(spec, 20, 4, 1) is not None  # older than its place: fine
+    spec.spans[1].start, spec.spans[1].end = 16, 20  # not yet seen at its place
+    with pytest.raises(ValueError, match="recalled span"):
+        tiling_from_spec(spec, 20, 4, 1)
 
 
 def test_recency_spec_gives_none_when_old_text_is_dropped() -> None:

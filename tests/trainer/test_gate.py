@@ -42,6 +42,10 @@ def report(decisive: float, agreement: float, records: int = 10) -> GateReport:
     )
 
 
+NO_PRIOR = report(decisive=0.0, agreement=0.0)
+"""A prior that orders nothing: these gates are about the rest."""
+
+
 @pytest.fixture(scope="module")
 def split() -> tuple[list[Example], list[Example]]:
     table = random_table()
@@ -76,7 +80,9 @@ def test_trained_lensnet_passes_the_gate_against_the_initial_one(
     assert new.agreement > 0.7 > initial.agreement
     assert new.weighted_agreement > 0.7 > initial.weighted_agreement
     assert new.correlation > 0
-    decision = decide(new, initial)
+    prior = evaluate(None, held, 1.0)
+    assert new.decisive_agreement >= prior.decisive_agreement
+    decision = decide(new, initial, prior)
     assert decision.passed, decision.reason
 
 
@@ -94,7 +100,7 @@ def test_gate_refuses_a_worse_model(
     assert worse.decisive_agreement < current.decisive_agreement
     assert worse.agreement < current.agreement
     assert worse.weighted_agreement < current.weighted_agreement
-    decision = decide(worse, current)
+    decision = decide(worse, current, NO_PRIOR)
     assert not decision.passed
     assert "correlation" in decision.reason
 
@@ -102,23 +108,32 @@ def test_gate_refuses_a_worse_model(
 def test_gate_refuses_lower_decisive_agreement_even_when_the_sign_is_right() -> None:
     current = report(decisive=0.9, agreement=0.6)
     new = report(decisive=0.8, agreement=0.9)  # better on near-ties does not count
-    decision = decide(new, current)
+    decision = decide(new, current, NO_PRIOR)
     assert not decision.passed
     assert "decisive agreement" in decision.reason
-    assert decide(current, current).passed  # equal agreement is not worse
-    assert decide(current, new).passed
+    assert decide(current, current, NO_PRIOR).passed  # equal agreement is not worse
+    assert decide(current, new, NO_PRIOR).passed
+
+
+def test_gate_refuses_a_residual_that_makes_the_prior_worse() -> None:
+    current = report(decisive=0.6, agreement=0.6)
+    prior = report(decisive=0.8, agreement=0.8)  # retrieval alone orders pairs better
+    decision = decide(report(decisive=0.7, agreement=0.9), current, prior)
+    assert not decision.passed
+    assert "the prior's" in decision.reason
+    assert decide(report(decisive=0.8, agreement=0.8), current, prior).passed
 
 
 def test_gate_refuses_when_there_are_no_held_out_pairs() -> None:
     empty = evaluate(LensNet(LensNetConfig(hidden_size=HIDDEN)), [], 1.0)
     assert empty.pairs == empty.decisive_pairs == 0
-    assert not decide(empty, empty).passed
+    assert not decide(empty, empty, empty).passed
 
 
 def test_gate_refuses_too_few_held_out_records() -> None:
     good = report(decisive=0.9, agreement=0.9, records=3)
-    assert decide(good, good).passed
-    decision = decide(good, good, min_records=4)
+    assert decide(good, good, NO_PRIOR).passed
+    decision = decide(good, good, NO_PRIOR, min_records=4)
     assert not decision.passed
     assert "3 held-out records" in decision.reason
 
@@ -180,3 +195,8 @@ def test_agreements_count_pairs_by_strength_and_by_gap(
     assert 0 < decisive.sum() < len(decisive)  # near-ties and decisive pairs: the filter matters
     assert got.decisive_pairs == int(decisive.sum())
     assert got.decisive_agreement == pytest.approx(float(agreed[decisive].mean()), rel=1e-5)
+
+
+NO_PRIOR = report(
+    decisive=0.0, agreement=0.0
+)  # a prior that orders nothing: the gate is about the rest

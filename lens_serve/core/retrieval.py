@@ -1,0 +1,146 @@
+"""Retrieval: which old blocks the query asks for, and a tiling that shows them raw.
+
+BM25 (over the tree's block index) ranks the complete blocks older than the raw region; the best
+few are shown raw with their neighbours (a fact can straddle a block boundary), each by expanding
+the gists that cover it level by level. This is the `retrieval`
+policy, and the prior that `lens` starts from: LensNet only adds a learned residual to it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lens_serve.core.context import RECALL, Tiling, Unit, children, expansion_cost, raw_from
+from lens_serve.core.tree import LifetimeTree
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    blocks: int = 3
+    """Best-ranked blocks shown raw per request (0: retrieve nothing)."""
+    neighbours: int = 1
+    """Blocks shown raw on either side of each retrieved block."""
+    recall_min_score: float = 5.0
+    """Least BM25 score of a block a continuing session recalls. A recall recomputes the rows
+    after it, so a weak match (words common in the session) is not worth it; a rare word of the
+    question (a name, a number) alone scores above this once a session has a few hundred blocks."""
+
+
+PRIOR_SCORE = 1.0
+"""The prior's score for a unit that covers a retrieved block (0 elsewhere): above the allocator's
+expand threshold plus the largest cache penalty, so a continuing session still reaches it."""
+
+
+def retrieved_blocks(
+    tree: LifetimeTree,
+    query: np.ndarray,
+    tail: int,
+    config: RetrievalConfig,
+    min_score: float = 0.0,
+) -> list[int]:
+    """Indices of the blocks to show raw, most relevant first: the `config.blocks` best BM25
+    blocks older than the raw region scoring above `min_score` (ties: the newer first), each
+    followed by its neighbours."""
+    first_raw = raw_from(tree.lifetime, tail, tree.block_size) // tree.block_size
+    scores = tree.index.bm25(query)[:first_raw]  # (first_raw,)
+    if not scores.size or scores.max() <= 0:
+        return []
+    order = np.lexsort((-np.arange(scores.size), -scores))  # best first, then newest first
+    best = [int(i) for i in order[: config.blocks] if scores[i] > max(min_score, 0.0)]
+    out: list[int] = []
+    for block in best:
+        around = [block + d for d in range(-config.neighbours, config.neighbours + 1) if d]
+        for j in (block, *around):
+            if 0 <= j < first_raw and j not in out:
+                out.append(j)
+    return out
+
+
+def show_blocks(tiling: Tiling, blocks: list[int], budget: int) -> Tiling:
+    """Expand the gists covering each block in `blocks` (in order) down to raw tokens, while the
+    budget allows; a block that no longer fits is skipped."""
+    b, r = tiling.block_size, tiling.gist_rows
+    units = list(tiling.units)
+    slack = budget - tiling.rows
+    for block in blocks:
+        path: list[tuple[int, Unit]] = []  # (position, unit) expansions that reach the block
+        cost, trial = 0, units
+        while True:
+            p = _position(trial, block, b)
+            unit = trial[p]
+            if unit[0] == 0:
+                break
+            cost += expansion_cost(unit, b, r)
+            path.append((p, unit))
+            trial = trial[:p] + children(unit, b) + trial[p + 1 :]
+        if path and cost <= slack:
+            units, slack = trial, slack - cost
+    return tiling.with_units(units)
+
+
+def recall_rows(tiling: Tiling, blocks: list[int]) -> int:
+    """Rows that recalling the retrieved blocks `tiling` does not show raw would take."""
+    shown = {index for lod, index in tiling.units if lod <= 0}
+    return tiling.block_size * len(set(blocks) - shown)
+
+
+def recall(tiling: Tiling, blocks: list[int], budget: int, anchor: int) -> Tiling:
+    """The retrieved blocks that `tiling` does not show raw, as recall units (best first while
+    they fit the budget; placed in timeline order) just before the unit holding token `anchor`:
+    the question's first token. A continuing session's rows before that stay as they were."""
+    shown = {index for lod, index in tiling.units if lod <= 0}
+    rows, missing = tiling.rows, []
+    for block in blocks:
+        if block not in shown and rows + tiling.block_size <= budget:
+            missing.append(block)
+            shown.add(block)
+            rows += tiling.block_size
+    if not missing:
+        return tiling
+    at = next(
+        (p for p, unit in enumerate(tiling.units) if tiling.unit_span(unit)[1] > anchor),
+        len(tiling.units),
+    )
+    units = [*tiling.units[:at], *((RECALL, b) for b in sorted(missing)), *tiling.units[at:]]
+    out = tiling.with_units(units)
+    if tiling.scores:
+        out.scores = [*tiling.scores[:at], *[0.0] * len(missing), *tiling.scores[at:]]
+    return out
+
+
+def question_start(tree: LifetimeTree, query: np.ndarray, tail: int) -> int:
+    """Where the query begins among the newest `tail` tokens (a new prompt, or a chat message in
+    its template), else the lifetime's end."""
+    n, q = tree.lifetime, len(query)
+    if q == 0 or q > tail:
+        return n
+    window = tree.tokens(max(n - tail, 0), n)  # (<= tail,)
+    if len(window) < q:
+        return n
+    runs = np.lib.stride_tricks.sliding_window_view(window, q)  # (len - q + 1, q)
+    hits = np.flatnonzero((runs == query).all(axis=1))
+    return n - len(window) + int(hits[-1]) if hits.size else n
+
+
+def prior_scores(tiling: Tiling, blocks: list[int]) -> np.ndarray:
+    """(U,) the prior: PRIOR_SCORE for every unit that covers a retrieved block, else 0."""
+    wanted = np.asarray(blocks, dtype=np.int64) * tiling.block_size  # first token of each block
+    out = np.zeros(len(tiling.units))
+    if not len(blocks):
+        return out
+    for p, unit in enumerate(tiling.units):
+        start, end = tiling.unit_span(unit)
+        if np.any((wanted >= start) & (wanted < end)):
+            out[p] = PRIOR_SCORE
+    return out
+
+
+def _position(units: list[Unit], block: int, block_size: int) -> int:
+    """Position of the unit whose span holds block `block` (units tile the lifetime in order)."""
+    token = block * block_size
+    for p, (lod, index) in enumerate(units):
+        size = block_size ** max(lod, 1)
+        if index * size <= token < (index + 1) * size:
+            return p
+    raise ValueError(f"block {block} is not covered by the tiling's units")

@@ -1,0 +1,130 @@
+"""Retrieval: BM25's best blocks shown raw with their neighbours, and `lens` = that prior plus
+LensNet's residual (an untrained LensNet chooses what `retrieval` does)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lens_serve.core.context import check_invariants
+from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.core.policies import ContextChooser
+from lens_serve.core.retrieval import RetrievalConfig, retrieved_blocks
+from lens_serve.core.tree import LifetimeTree
+from tests.core_helpers import HIDDEN, VOCAB, chooser, make_tree, node_counts
+
+B, TAIL, BUDGET = 4, 16, 160
+NEEDLE, OTHER = VOCAB - 1, VOCAB - 2  # ids make_tree's random text never uses below
+
+
+def haystack(lifetime: int, seed: int = 0) -> LifetimeTree:
+    """Random text over ids [0, VOCAB - 2) in a tree; the caller plants needles."""
+    tree = make_tree(0, block_size=B)
+    tree.append(np.random.default_rng(seed).integers(0, VOCAB - 2, lifetime))
+    return tree
+
+
+def with_needles(lifetime: int, needles: dict[int, int], seed: int = 0) -> LifetimeTree:
+    tokens = np.random.default_rng(seed).integers(0, VOCAB - 2, lifetime)
+    for position, token in needles.items():
+        tokens[position] = token
+    tree = make_tree(0, block_size=B)
+    tree.append(tokens)
+    return tree
+
+
+def lod_at(tree: LifetimeTree, policy: str, position: int, query: list[int]) -> int:
+    wc = chooser().choose(tree, policy, BUDGET, TAIL, query=np.array(query)).working_context
+    check_invariants(wc, BUDGET, TAIL, node_counts(tree))
+    return int(wc.lods[np.searchsorted(wc.starts, position, side="right") - 1])
+
+
+def test_retrieved_blocks_are_the_best_first_then_their_neighbours() -> None:
+    tree = with_needles(4000, {402: NEEDLE, 2001: OTHER})
+    blocks = retrieved_blocks(tree, np.array([NEEDLE, OTHER]), TAIL, RetrievalConfig(blocks=2))
+    assert sorted(blocks[:3]) == [99, 100, 101] or sorted(blocks[:3]) == [499, 500, 501]
+    assert set(blocks) == {99, 100, 101, 499, 500, 501}
+    assert retrieved_blocks(tree, np.array([NEEDLE]), TAIL, RetrievalConfig(blocks=0)) == []
+
+
+def test_retrieval_shows_a_deep_needle_raw_where_recency_and_uniform_cannot() -> None:
+    tree = with_needles(6000, {1234: NEEDLE})
+    assert lod_at(tree, "retrieval", 1234, [NEEDLE]) == 0
+    assert lod_at(tree, "retrieval", 1234 - B, [NEEDLE]) == 0  # its neighbours too
+    assert lod_at(tree, "retrieval", 1234 + B, [NEEDLE]) == 0
+    assert lod_at(tree, "uniform", 1234, [NEEDLE]) > 0
+    wc = chooser().choose(tree, "recency", BUDGET, TAIL).working_context
+    assert wc.start > 1234
+
+
+def test_the_choice_follows_the_query() -> None:
+    tree = with_needles(6000, {1234: NEEDLE, 4321: OTHER})
+    for policy in ("retrieval", "lens"):
+        assert lod_at(tree, policy, 1234, [NEEDLE]) == 0
+        assert lod_at(tree, policy, 1234, [OTHER]) > 0
+        assert lod_at(tree, policy, 4321, [OTHER]) == 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lifetime=st.integers(300, 5000),
+    seed=st.integers(0, 1000),
+    query=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=8),
+)
+def test_an_untrained_lens_chooses_what_retrieval_does(
+    lifetime: int, seed: int, query: list[int]
+) -> None:
+    tree = haystack(lifetime, seed)
+    untrained = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN, seed=seed)))
+    words = np.array(query)
+    lens = untrained.choose(tree, "lens", BUDGET, TAIL, query=words).working_context
+    retrieval = untrained.choose(tree, "retrieval", BUDGET, TAIL, query=words).working_context
+    assert lens.signature() == retrieval.signature()
+
+
+@pytest.mark.parametrize("policy", ["lens", "retrieval"])
+def test_the_same_query_gives_the_same_choice(policy: str) -> None:
+    tree = with_needles(3000, {777: NEEDLE})
+    first = chooser(2).choose(tree, policy, BUDGET, TAIL, query=np.array([NEEDLE, 3]))
+    second = chooser(2).choose(tree, policy, BUDGET, TAIL, query=np.array([NEEDLE, 3]))
+    assert first.working_context.signature() == second.working_context.signature()
+
+
+def test_a_continuing_session_recalls_what_a_new_question_asks_for_keeping_its_prefix() -> None:
+    tree = with_needles(6000, {1234: NEEDLE, 4321: OTHER})
+    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    first = chooser_.choose(tree, "lens", BUDGET, TAIL, query=np.array([OTHER]))
+    tree.append(np.array([7, 8, 9]))  # a turn about OTHER: the full WC refits to 3/4 W
+    second = chooser_.choose(tree, "lens", BUDGET, TAIL, state=first.focus, query=np.array([OTHER]))
+    assert second.focus is not None and not second.working_context.recalled.any()
+    question = np.array([5, NEEDLE, 9])
+    tree.append(question)
+    third = chooser_.choose(tree, "lens", BUDGET, TAIL, state=second.focus, query=question)
+    wc, before = third.working_context, second.working_context
+    check_invariants(wc, BUDGET, TAIL, node_counts(tree))
+    recalled = wc.starts[wc.recalled]
+    assert 1234 in recalled and len(recalled) % B == 0  # the needle's block, whole, as a copy
+    # Nothing before the recall changed: the cached prefix (all but the question's block) holds.
+    first_recall = int(np.flatnonzero(wc.recalled)[0])
+    keep = first_recall
+    assert np.array_equal(wc.starts[:keep], before.starts[:keep])
+    assert np.array_equal(wc.lods[:keep], before.lods[:keep])
+    assert keep >= len(before.starts) - B  # at most the block holding the question moves
+    # The recall sits just before the question's block: the question is the last thing read.
+    assert wc.starts[first_recall + len(recalled)] <= 6000 <= wc.starts[-1] + 1
+    spans = [s for s in wc.spans() if s.recalled]
+    assert spans and all(s.lod == 0 for s in spans)
+
+
+def test_a_refit_drops_earlier_recalls_first() -> None:
+    tree = with_needles(6000, {1234: NEEDLE})
+    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    state = chooser_.choose(tree, "lens", BUDGET, TAIL, query=np.array([1])).focus
+    tree.append(np.array([NEEDLE]))
+    state = chooser_.choose(tree, "lens", BUDGET, TAIL, state=state, query=np.array([NEEDLE])).focus
+    assert state is not None and any(lod < 0 for lod, _ in state.tiling.units)
+    tree.append(np.random.default_rng(1).integers(0, 100, BUDGET // 3))  # more than the headroom
+    third = chooser_.choose(tree, "lens", BUDGET, TAIL, state=state, query=np.array([2]))
+    check_invariants(third.working_context, BUDGET, TAIL, node_counts(tree))
