@@ -274,7 +274,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = result["config"]["tasks"]
-    lifetimes = result["config"]["lifetimes"]
+    lifetimes = sorted(result["config"]["lifetimes"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.0), sharey=True)
     for ax, task in zip(np.atleast_1d(axes), tasks, strict=True):
         for policy in [*result["config"]["policies"], CEILING]:
@@ -319,10 +319,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             client, tokenizer, haystack, task, lifetime, args
                         )
                         print(summary_lines({key: cells[key]})[0], flush=True)
+                        partial = {"config": _config(args), "cells": cells, "complete": False}
+                        args.out.write_text(json.dumps(partial, indent=1))  # survives a stop
     finally:
         await engine.shutdown()
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"config": config, "seconds": time.perf_counter() - began, "cells": cells}
+    seconds = time.perf_counter() - began
+    return {"config": _config(args), "seconds": seconds, "cells": cells, "complete": True}
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def main() -> None:
@@ -338,8 +344,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/longctx.json"))
     args = parser.parse_args()
-    result = asyncio.run(run(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = asyncio.run(run(args))
     args.out.write_text(json.dumps(result, indent=1))
     plot(result, args.out.with_suffix(".png"))
     print("\n".join(summary_lines(result["cells"])))

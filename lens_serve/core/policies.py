@@ -152,12 +152,9 @@ class ContextChooser:
         made: set[Unit] = set()
         kept = dict(state.created_at)
         totals = np.zeros(3, dtype=np.int64)  # expands, collapses, forced collapses
-        # Past `fresh_rounds`, rounds go on only while the prior still asks for gists to be
-        # expanded (a block deep in a tall tree is one level nearer per round).
-        for round_ in range(self.focus.fresh_rounds + tree.levels):
+        # A continuing session takes one step per turn (its edits cost cached rows).
+        for round_ in range(self.focus.fresh_rounds if fresh else 1):
             prior_score = prior_scores(state.tiling, prior)
-            if round_ >= self.focus.fresh_rounds and not _gists_wanted(state.tiling, prior_score):
-                break
             inputs = unit_inputs(tree, state.tiling, tail, query)
             residual = score_units(self.lensnet, inputs)[: len(state.tiling.units)]
             state, stats = refocus(
@@ -179,10 +176,6 @@ class ContextChooser:
         if not fresh:
             tiling = recall(tiling, blocks, budget, question_start(tree, query, tail))
         return FocusState(tiling, state.step, created), EditStats(*(int(t) for t in totals))
-
-
-def _gists_wanted(tiling: Tiling, prior: np.ndarray) -> bool:
-    return any(p > 0 and unit[0] > 0 for p, unit in zip(prior, tiling.units, strict=True))
 
 
 def check_feasible(

@@ -125,14 +125,17 @@ def question_start(tree: LifetimeTree, query: np.ndarray, tail: int) -> int:
 
 def prior_scores(tiling: Tiling, blocks: list[int]) -> np.ndarray:
     """(U,) the prior: PRIOR_SCORE for every unit that covers a retrieved block, else 0."""
-    wanted = np.asarray(blocks, dtype=np.int64) * tiling.block_size  # first token of each block
     out = np.zeros(len(tiling.units))
-    if not len(blocks):
+    if not blocks or not tiling.units:
         return out
-    for p, unit in enumerate(tiling.units):
-        start, end = tiling.unit_span(unit)
-        if np.any((wanted >= start) & (wanted < end)):
-            out[p] = PRIOR_SCORE
+    b = tiling.block_size
+    lods = np.array([u[0] for u in tiling.units], dtype=np.int64)  # (U,)
+    index = np.array([u[1] for u in tiling.units], dtype=np.int64)  # (U,)
+    size = np.power(b, np.maximum(lods, 1))  # (U,) tokens per unit
+    starts, ends = index * size, (index + 1) * size  # (U,) each
+    wanted = np.asarray(blocks, dtype=np.int64)[:, None] * b  # (K, 1) first token of each block
+    covers = ((wanted >= starts) & (wanted < ends)).any(axis=0)  # (U,)
+    out[covers] = PRIOR_SCORE
     return out
 
 
