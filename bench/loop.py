@@ -199,7 +199,7 @@ async def publish_under_probes(
         net = LensNet(LensNetConfig(hidden_size=stack.service.engine.hidden_size, seed=args.seed))
         with torch.no_grad():
             net.head.bias.fill_(1e-3 * (i + 1))  # a new content-addressed version
-        version = await registry.publish_lensnet(stack.redis, net)
+        version = await registry.LENSNET.publish(stack.redis, net)
         published.append(await registry.LENSNET.fetch(stack.redis, version))
     await asyncio.gather(probing, watching)
     return published, switches

@@ -259,12 +259,12 @@ def _gistnet(args: argparse.Namespace) -> int:
         logger.info("best on held-out text: %s in %s, NLL gain over dropped %+.4f",
                     net.version, out / "best", result.best_validation)  # fmt: skip
     if args.redis_url:
-        from lens_serve.store.registry import publish_gistnet
+        from lens_serve.store.registry import GISTNET
 
         async def publish() -> str:
             redis = _redis(args.redis_url)
             try:
-                return await publish_gistnet(redis, net, metrics=metrics)
+                return await GISTNET.publish(redis, net, metrics=metrics)
             finally:
                 await redis.aclose()
 

@@ -38,7 +38,7 @@ from lens_serve.aio import cancel_and_wait
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.store.preferences import parse_record
-from lens_serve.store.registry import LENSNET, WeightsRejected, publish_lensnet, verify_lensnet
+from lens_serve.store.registry import LENSNET, WeightsRejected, verify_lensnet
 from trainer.config import TrainerSettings
 from trainer.data import Entry, PreferenceConsumer, read_dump
 from trainer.examples import Example, TargetConfig, example_from_record
@@ -418,7 +418,7 @@ class Trainer:
             "parent": self.current_version,
         }
         metrics = {k: _json_safe(v) for k, v in metrics.items()}
-        version = await publish_lensnet(
+        version = await LENSNET.publish(
             self._redis, self.net, metrics=metrics, parent=self.current_version, make_current=False
         )
         await self.lock.set_current(version)

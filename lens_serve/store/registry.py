@@ -61,21 +61,23 @@ class Registry:
     def key(self, version: str) -> str:
         return f"{self.prefix}{version}"
 
-    async def write(
+    async def publish(
         self,
         redis: Redis,
-        version: str,
-        config: Any,
-        weights: bytes,
+        net: LensNet | GistNet,
         *,
         metrics: dict[str, Any] | None = None,
         parent: str = "",
-    ) -> None:
-        """Write one immutable version (a no-op if it exists)."""
+        make_current: bool = True,
+    ) -> str:
+        """Write `net` as an immutable version named by its content hash (a no-op if it exists),
+        and optionally make it current. Returns the version."""
+        weights = checkpoint.weights_bytes(net)
+        version = net.version
         fields: dict[FieldT, EncodableT] = {
             "safetensors": weights,
             "sha256": hashlib.sha256(weights).hexdigest(),
-            "config": checkpoint.config_json(config),
+            "config": checkpoint.config_json(net.config),
             "metrics": json.dumps(metrics or {}, sort_keys=True),
             "created_at": repr(time.time()),
             "parent": parent,
@@ -83,6 +85,9 @@ class Registry:
         # HSETNX on one field decides who writes: a version, once written, is never overwritten.
         if await redis.hsetnx(self.key(version), "sha256", fields["sha256"]):
             await redis.hset(self.key(version), mapping=fields)
+        if make_current:
+            await self.set_current(redis, version)
+        return version
 
     async def set_current(self, redis: Redis, version: str) -> None:
         if not await redis.exists(self.key(version)):
@@ -155,43 +160,10 @@ def verify(
     return net
 
 
-async def publish_lensnet(
-    redis: Redis,
-    net: LensNet,
-    *,
-    metrics: dict[str, Any] | None = None,
-    parent: str = "",
-    make_current: bool = True,
-) -> str:
-    """Write `net` as an immutable version (a no-op if it exists) and optionally make it current."""
-    weights = checkpoint.weights_bytes(net)
-    version = checkpoint.content_version("lens", net.config, weights)
-    await LENSNET.write(redis, version, net.config, weights, metrics=metrics, parent=parent)
-    if make_current:
-        await LENSNET.set_current(redis, version)
-    return version
-
-
 def verify_lensnet(published: PublishedWeights, hidden_size: int) -> LensNet:
     """A verified LensNet from a published version (raises WeightsRejected)."""
     net: LensNet = verify(published, lensnet_from_bytes, hidden_size=hidden_size)
     return net
-
-
-async def publish_gistnet(
-    redis: Redis,
-    net: GistNet,
-    *,
-    metrics: dict[str, Any] | None = None,
-    parent: str = "",
-    make_current: bool = True,
-) -> str:
-    """Write `net` as an immutable version (a no-op if it exists) and optionally make it current."""
-    weights = checkpoint.weights_bytes(net)
-    await GISTNET.write(redis, net.version, net.config, weights, metrics=metrics, parent=parent)
-    if make_current:
-        await GISTNET.set_current(redis, net.version)
-    return net.version
 
 
 def verify_gistnet(

@@ -27,6 +27,21 @@ def brute_match(tokens: np.ndarray, query: np.ndarray, spans: list[tuple[int, in
     )
 
 
+def index_in_chunks(
+    rng: np.random.Generator, chunks: list[int], vocab: int
+) -> tuple[np.ndarray, BlockIndex]:
+    """Random tokens of sum(chunks) + 1 blocks, indexed in appends of `chunks` blocks (and 1)."""
+    n_blocks = sum(chunks) + 1
+    tokens = rng.integers(0, vocab, n_blocks * B)
+    index = BlockIndex(B)
+    at = 0
+    for size in [*chunks, 1]:
+        index.add_blocks(tokens[at * B : (at + size) * B].reshape(-1, B))
+        at += size
+    assert index.blocks == n_blocks
+    return tokens, index
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     chunks=st.lists(st.integers(0, 12), min_size=1, max_size=6),
@@ -37,14 +52,8 @@ def test_match_equals_the_definition_however_the_blocks_arrive(
     chunks: list[int], vocab: int, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
-    n_blocks = sum(chunks) + 1
-    tokens = rng.integers(0, vocab, n_blocks * B)
-    index = BlockIndex(B)
-    at = 0
-    for size in [*chunks, 1]:
-        index.add_blocks(tokens[at * B : (at + size) * B].reshape(-1, B))
-        at += size
-    assert index.blocks == n_blocks
+    tokens, index = index_in_chunks(rng, chunks, vocab)
+    n_blocks = index.blocks
     cuts = sorted({0, n_blocks, *rng.integers(0, n_blocks, 3).tolist()})
     starts, ends = np.array(cuts[:-1]) * B, np.array(cuts[1:]) * B
     query = tokens[-6:]
@@ -101,13 +110,7 @@ def test_bm25_equals_the_definition_however_the_blocks_arrive(
     chunks: list[int], vocab: int, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
-    n_blocks = sum(chunks) + 1
-    tokens = rng.integers(0, vocab, n_blocks * B)
-    index = BlockIndex(B)
-    at = 0
-    for size in [*chunks, 1]:
-        index.add_blocks(tokens[at * B : (at + size) * B].reshape(-1, B))
-        at += size
+    tokens, index = index_in_chunks(rng, chunks, vocab)
     query = np.concatenate([tokens[-5:], rng.integers(0, vocab, 3)])
     np.testing.assert_allclose(index.bm25(query), brute_bm25(tokens, query), rtol=1e-9)
 

@@ -91,7 +91,7 @@ async def test_published_version_is_hot_swapped_while_requests_run(stack: Stack)
         for i in range(8)
     ]
     await asyncio.sleep(0.2)
-    version = await registry.publish_lensnet(stack.redis, _trained_like(hidden, 1), parent=before)
+    version = await registry.LENSNET.publish(stack.redis, _trained_like(hidden, 1), parent=before)
     served = await asyncio.gather(*requests)  # none fails during the swap
     assert {u.lens_version for u in served} <= {before, version}
     await _serving_version(stack, version)
@@ -102,10 +102,10 @@ async def test_corrupt_weights_are_rejected_and_the_old_version_keeps_serving(
     stack: Stack,
 ) -> None:
     hidden = stack.service.engine.hidden_size
-    good = await registry.publish_lensnet(stack.redis, _trained_like(hidden, 2))
+    good = await registry.LENSNET.publish(stack.redis, _trained_like(hidden, 2))
     await _serving_version(stack, good)
     failures = REGISTRY.get_sample_value("lens_lensnet_swap_failures_total") or 0.0
-    bad = await registry.publish_lensnet(stack.redis, _trained_like(hidden, 3), make_current=False)
+    bad = await registry.LENSNET.publish(stack.redis, _trained_like(hidden, 3), make_current=False)
     await stack.redis.hset(registry.LENSNET.key(bad), "sha256", "0" * 64)  # corrupted in storage
     await registry.LENSNET.set_current(stack.redis, bad)
     for _ in range(100):
@@ -119,8 +119,8 @@ async def test_corrupt_weights_are_rejected_and_the_old_version_keeps_serving(
 
 async def test_rollback_through_lens_admin(stack: Stack) -> None:
     hidden = stack.service.engine.hidden_size
-    first = await registry.publish_lensnet(stack.redis, _trained_like(hidden, 4))
-    second = await registry.publish_lensnet(stack.redis, _trained_like(hidden, 5), parent=first)
+    first = await registry.LENSNET.publish(stack.redis, _trained_like(hidden, 4))
+    second = await registry.LENSNET.publish(stack.redis, _trained_like(hidden, 5), parent=first)
     await _serving_version(stack, second)
     reply = await stack.admin.SetLensVersion(pb.SetLensVersionRequest(version=first))
     assert (reply.previous_version, reply.current_version) == (second, first)

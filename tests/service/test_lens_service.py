@@ -22,7 +22,7 @@ from lens_serve.service.hot_swap import WeightStore
 from lens_serve.service.lens_service import LensService
 from lens_serve.service.requests import GenerateEvent, GenerateInput, Sampling, ScoreInput
 from lens_serve.service.tree_cache import CachedSession
-from lens_serve.store.registry import publish_gistnet
+from lens_serve.store.registry import GISTNET
 from lens_serve.store.sessions import SessionFull, SessionNotFound
 from tests.core_helpers import HIDDEN, random_table
 from tests.fakes import FakeEngine
@@ -235,11 +235,11 @@ async def test_create_picks_up_the_published_gistnet(
         GistNetConfig("transformer", block_size=4, rows=2, hidden_size=table.hidden_size)
     )
     engine = FakeEngine(table)
-    await publish_gistnet(redis_client, mismatched)  # rows differ: rejected, configured kept
+    await GISTNET.publish(redis_client, mismatched)  # rows differ: rejected, configured kept
     service = await build_service(settings, engine, redis_client)
     await service.aclose()
     assert service.gistnet_version.startswith("gist-tokens-")
-    await publish_gistnet(redis_client, trained)
+    await GISTNET.publish(redis_client, trained)
     service = await build_service(settings, engine, redis_client)
     try:
         assert service.gistnet_version == trained.version

@@ -11,7 +11,6 @@ from lens_serve.store.registry import (
     GISTNET,
     WeightsRejected,
     current_gistnet,
-    publish_gistnet,
     verify_gistnet,
 )
 
@@ -27,7 +26,7 @@ def trained(seed: int = 0, rows: int = 1) -> GistNet:
 
 async def test_publish_fetch_round_trip_verifies_and_sets_current(redis_client: Redis) -> None:
     net = trained()
-    version = await publish_gistnet(redis_client, net, metrics={"kl": 0.5})
+    version = await GISTNET.publish(redis_client, net, metrics={"kl": 0.5})
     assert version == net.version
     assert (await redis_client.get(GISTNET.current_key)) == version.encode()
     published = await GISTNET.fetch(redis_client, version)
@@ -40,13 +39,13 @@ async def test_publish_fetch_round_trip_verifies_and_sets_current(redis_client: 
 
 async def test_a_version_is_immutable(redis_client: Redis) -> None:
     net = trained()
-    version = await publish_gistnet(redis_client, net, metrics={"first": 1})
-    await publish_gistnet(redis_client, net, metrics={"second": 2})
+    version = await GISTNET.publish(redis_client, net, metrics={"first": 1})
+    await GISTNET.publish(redis_client, net, metrics={"second": 2})
     assert (await GISTNET.fetch(redis_client, version)).metrics == {"first": 1}
 
 
 async def test_corrupt_weights_are_rejected(redis_client: Redis) -> None:
-    version = await publish_gistnet(redis_client, trained(seed=1))
+    version = await GISTNET.publish(redis_client, trained(seed=1))
     await redis_client.hset(GISTNET.key(version), "safetensors", b"garbage")
     with pytest.raises(WeightsRejected, match="sha256"):
         verify_gistnet(await GISTNET.fetch(redis_client, version), HIDDEN, 4, 1)
@@ -60,7 +59,7 @@ async def test_corrupt_weights_are_rejected(redis_client: Redis) -> None:
 async def test_mismatched_config_is_rejected(
     redis_client: Redis, hidden: int, block: int, rows: int, field: str
 ) -> None:
-    version = await publish_gistnet(redis_client, trained(seed=2))
+    version = await GISTNET.publish(redis_client, trained(seed=2))
     with pytest.raises(WeightsRejected, match=field):
         verify_gistnet(await GISTNET.fetch(redis_client, version), hidden, block, rows)
     assert await current_gistnet(redis_client, hidden, block, rows) is None

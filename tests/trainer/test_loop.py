@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 import trainer.loop as trainer_loop
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.store.preferences import PREFS_GROUP, PREFS_STREAM, PreferenceLog
-from lens_serve.store.registry import LENSNET, publish_lensnet
+from lens_serve.store.registry import LENSNET
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
@@ -162,7 +162,7 @@ async def test_trainer_whose_lease_expired_cannot_switch_the_current_version(
     assert not await TrainerLock(redis_client, ttl_ms=5000).try_acquire()
 
     initial = LensNet(LensNetConfig(hidden_size=HIDDEN))
-    version = await publish_lensnet(redis_client, initial, make_current=False)
+    version = await LENSNET.publish(redis_client, initial, make_current=False)
     with pytest.raises(LockLost):
         await stale.set_current(version)
     assert await redis_client.get(LENSNET.current_key) is None
@@ -198,7 +198,7 @@ async def test_a_current_version_this_trainer_cannot_load_starts_a_new_lineage(
 ) -> None:
     await _fill(redis_client)
     # Published by a LensNet of another shape (e.g. before an input feature was added).
-    other = await publish_lensnet(redis_client, LensNet(LensNetConfig(hidden_size=2 * HIDDEN)))
+    other = await LENSNET.publish(redis_client, LensNet(LensNetConfig(hidden_size=2 * HIDDEN)))
     assert await LENSNET.current(redis_client) == other
     trainer, _ = _trainer(redis_client, redis_url, max_steps=40)
     result = await trainer.run()
@@ -267,7 +267,7 @@ async def test_trainer_follows_a_version_pinned_by_an_operator(
     task = asyncio.create_task(trainer.run())
     await _eventually(lambda: trainer.result.steps >= 5)
     # An operator rolls back to the seeded initial LensNet (published under its own version).
-    initial = await publish_lensnet(redis_client, LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    initial = await LENSNET.publish(redis_client, LensNet(LensNetConfig(hidden_size=HIDDEN)))
     pinned_now.set()
     await task
     assert pinned != initial
