@@ -56,7 +56,7 @@ NAMES = (
     "Mira", "Tobias", "Anouk", "Kenji", "Ilse", "Rafael", "Oona", "Bastian", "Ines", "Viktor",
     "Selma", "Dario", "Freya", "Lukas", "Noor", "Emil",
 )  # fmt: skip
-POLICIES = ("lens", "recency", "uniform", "random", "full")
+POLICIES = ("lens", "retrieval", "recency", "uniform", "random", "full")
 ANSWER_DIGITS = 4
 MAX_POSITIONS = 8192  # SmolLM2's; `full` scores whole lifetimes, so lifetimes stay below it
 

@@ -64,7 +64,7 @@ def main() -> None:
         for kind, net in nets.items():
             tree = LifetimeTree(net, table)
             tree.append(context)
-            cases = [("lens", args.budget), ("uniform", args.budget)]
+            cases = [("lens", args.budget), ("retrieval", args.budget), ("uniform", args.budget)]
             if kind == "tokens":  # raw-only policies do not depend on the gist kind
                 cases += [("recency", args.budget), ("full", args.lifetime)]
             for policy, budget in cases:

@@ -94,7 +94,11 @@ class WorkingContext:
         if not len(self.lods):
             return []
         ends, rows, recalled = self.ends, self.entry_rows, self.recalled
-        jumps = (np.diff(self.lods.astype(np.int64)) != 0) | (self.starts[1:] != ends[:-1])
+        jumps = (
+            (np.diff(self.lods.astype(np.int64)) != 0)
+            | (self.starts[1:] != ends[:-1])
+            | (recalled[1:] != recalled[:-1])
+        )
         breaks = np.flatnonzero(jumps) + 1
         bounds = [0, *breaks.tolist(), len(self.lods)]
         out = []
