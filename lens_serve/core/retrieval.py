@@ -21,10 +21,11 @@ class RetrievalConfig:
     """Best-ranked blocks shown raw per request (0: retrieve nothing)."""
     neighbours: int = 1
     """Blocks shown raw on either side of each retrieved block."""
-    recall_min_score: float = 5.0
+    recall_min_score: float = 12.0
     """Least BM25 score of a block a continuing session recalls. A recall recomputes the rows
-    after it, so a weak match (words common in the session) is not worth it; a rare word of the
-    question (a name, a number) alone scores above this once a session has a few hundred blocks."""
+    after it, so a match on a question's everyday words is not worth it (generic questions about a
+    4k-token essay score 4-9); a question naming something rare in the session (a name split into
+    rare pieces, a number, a term) scores far above (a needle question's fact block: 36)."""
 
 
 PRIOR_SCORE = 1.0

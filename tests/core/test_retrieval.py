@@ -17,6 +17,8 @@ from tests.core_helpers import HIDDEN, VOCAB, chooser, make_tree, node_counts
 
 B, TAIL, BUDGET = 4, 16, 160
 NEEDLE, OTHER = VOCAB - 1, VOCAB - 2  # ids make_tree's random text never uses below
+# A needle in these small trees scores BM25 ~6: recall it (the default floor is for real text).
+RECALL_ALL = RetrievalConfig(recall_min_score=5.0)
 
 
 def haystack(lifetime: int, seed: int = 0) -> LifetimeTree:
@@ -94,7 +96,7 @@ def test_the_same_query_gives_the_same_choice(policy: str) -> None:
 
 def test_a_continuing_session_recalls_what_a_new_question_asks_for_keeping_its_prefix() -> None:
     tree = with_needles(6000, {1234: NEEDLE, 4321: OTHER})
-    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)), retrieval=RECALL_ALL)
     first = chooser_.choose(tree, "lens", BUDGET, TAIL, query=np.array([OTHER]))
     tree.append(np.array([7, 8, 9]))  # a turn about OTHER: the full WC refits to 3/4 W
     second = chooser_.choose(tree, "lens", BUDGET, TAIL, state=first.focus, query=np.array([OTHER]))
@@ -120,7 +122,7 @@ def test_a_continuing_session_recalls_what_a_new_question_asks_for_keeping_its_p
 
 def test_a_refit_drops_earlier_recalls_first() -> None:
     tree = with_needles(6000, {1234: NEEDLE})
-    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)))
+    chooser_ = ContextChooser(LensNet(LensNetConfig(hidden_size=HIDDEN)), retrieval=RECALL_ALL)
     state = chooser_.choose(tree, "lens", BUDGET, TAIL, query=np.array([1])).focus
     tree.append(np.array([NEEDLE]))
     state = chooser_.choose(tree, "lens", BUDGET, TAIL, state=state, query=np.array([NEEDLE])).focus
