@@ -65,17 +65,14 @@ def show_blocks(tiling: Tiling, blocks: list[int], budget: int) -> Tiling:
     units = list(tiling.units)
     slack = budget - tiling.rows
     for block in blocks:
-        path: list[tuple[int, Unit]] = []  # (position, unit) expansions that reach the block
-        cost, trial = 0, units
+        cost, trial = 0, units  # expand the unit holding the block, level by level, down to raw
         while True:
             p = _position(trial, block, b)
-            unit = trial[p]
-            if unit[0] == 0:
+            if trial[p][0] == 0:
                 break
-            cost += expansion_cost(unit, b, r)
-            path.append((p, unit))
-            trial = trial[:p] + children(unit, b) + trial[p + 1 :]
-        if path and cost <= slack:
+            cost += expansion_cost(trial[p], b, r)
+            trial = trial[:p] + children(trial[p], b) + trial[p + 1 :]
+        if cost <= slack:
             units, slack = trial, slack - cost
     return tiling.with_units(units)
 
