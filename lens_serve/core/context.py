@@ -4,8 +4,7 @@ A `WorkingContext` is an ordered list of entries (lod, start) tiling a contiguou
 timeline that ends at the newest token; an LOD0 entry is one token (one row), an LOD k entry is the
 gist of tree node (k, start // B**k) (`gist_rows` rows). A WC that holds a gist also takes the
 GistNet's `frame_rows` (tokens around its gists, see gistnet.py). docs/design.md §2 lists the
-invariants;
-`check_invariants` enforces them.
+invariants; `check_invariants` enforces them.
 
 A `Tiling` is the same thing at block granularity, used by the policies that cover the whole
 lifetime: a list of units (lod, index) where lod 0 means block `index` shown raw (B token rows) and

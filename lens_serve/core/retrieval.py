@@ -29,8 +29,9 @@ class RetrievalConfig:
 
 
 PRIOR_SCORE = 1.0
-"""The prior's score for a unit that covers a retrieved block (0 elsewhere): above the allocator's
-expand threshold plus the largest cache penalty, so a continuing session still reaches it."""
+"""The prior's score for a unit that covers a retrieved block (0 elsewhere), on a fresh WC: the
+allocator keeps those blocks raw unless LensNet's residual outweighs it, and expands one that
+the budget left as a gist."""
 
 
 def retrieved_blocks(
@@ -77,23 +78,23 @@ def show_blocks(tiling: Tiling, blocks: list[int], budget: int) -> Tiling:
     return tiling.with_units(units)
 
 
+def _not_shown(tiling: Tiling, blocks: list[int]) -> list[int]:
+    """The retrieved blocks (in rank order) that `tiling` shows neither raw nor recalled."""
+    shown = {index for lod, index in tiling.units if lod <= 0}
+    return [block for block in blocks if block not in shown]
+
+
 def recall_rows(tiling: Tiling, blocks: list[int]) -> int:
     """Rows that recalling the retrieved blocks `tiling` does not show raw would take."""
-    shown = {index for lod, index in tiling.units if lod <= 0}
-    return tiling.block_size * len(set(blocks) - shown)
+    return tiling.block_size * len(_not_shown(tiling, blocks))
 
 
 def recall(tiling: Tiling, blocks: list[int], budget: int, anchor: int) -> Tiling:
     """The retrieved blocks that `tiling` does not show raw, as recall units (best first while
     they fit the budget; placed in timeline order) just before the unit holding token `anchor`:
     the question's first token. A continuing session's rows before that stay as they were."""
-    shown = {index for lod, index in tiling.units if lod <= 0}
-    rows, missing = tiling.rows, []
-    for block in blocks:
-        if block not in shown and rows + tiling.block_size <= budget:
-            missing.append(block)
-            shown.add(block)
-            rows += tiling.block_size
+    fits = max(budget - tiling.rows, 0) // tiling.block_size  # blocks the budget has room for
+    missing = _not_shown(tiling, blocks)[:fits]
     if not missing:
         return tiling
     at = next(
@@ -126,13 +127,9 @@ def prior_scores(tiling: Tiling, blocks: list[int]) -> np.ndarray:
     out = np.zeros(len(tiling.units))
     if not blocks or not tiling.units:
         return out
-    b = tiling.block_size
-    lods = np.array([u[0] for u in tiling.units], dtype=np.int64)  # (U,)
-    index = np.array([u[1] for u in tiling.units], dtype=np.int64)  # (U,)
-    size = np.power(b, np.maximum(lods, 1))  # (U,) tokens per unit
-    starts, ends = index * size, (index + 1) * size  # (U,) each
-    wanted = np.asarray(blocks, dtype=np.int64)[:, None] * b  # (K, 1) first token of each block
-    covers = ((wanted >= starts) & (wanted < ends)).any(axis=0)  # (U,)
+    spans = np.array([tiling.unit_span(u) for u in tiling.units], dtype=np.int64)  # (U, 2)
+    wanted = np.asarray(blocks, dtype=np.int64)[:, None] * tiling.block_size  # (K, 1) first tokens
+    covers = ((wanted >= spans[:, 0]) & (wanted < spans[:, 1])).any(axis=0)  # (U,)
     out[covers] = PRIOR_SCORE
     return out
 
