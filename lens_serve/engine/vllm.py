@@ -11,10 +11,13 @@ import gc
 import importlib
 import logging
 import math
+import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +82,60 @@ def configure_vllm_env() -> None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# Process lifetime: the engine-core process dies with the server
+#
+# vLLM runs its engine core in a child process that nothing stops if the server is SIGKILLed (OOM
+# killer, a crash): it would keep the model's memory, and the multiprocessing resource tracker,
+# which waits for every process that shares its pipe, would stay with it. So the engine core is
+# started through `_run_engine_core`, which kills it once its parent is gone.
+#
+# Not PR_SET_PDEATHSIG: it fires when the *thread* that started the child ends, and vLLM starts
+# it from the worker thread `VllmEngine.start` builds it in. The parent's end of the pipe that
+# multiprocessing gives every child (`multiprocessing.parent_process()`, spawn and fork alike)
+# closes only when the parent process exits.
+
+_vllm_run_engine_core: Callable[..., None] | None = None
+"""vLLM's engine-core entry point, once `_engine_core_dies_with_parent` has replaced it."""
+
+
+def _engine_core_dies_with_parent() -> None:
+    """Make vLLM start its engine-core processes through `_run_engine_core` (idempotent)."""
+    global _vllm_run_engine_core
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if _vllm_run_engine_core is not None:
+        return
+    run = getattr(EngineCoreProc, "run_engine_core", None)
+    if run is None:
+        logger.warning("vLLM has no EngineCoreProc.run_engine_core: the engine core may outlive us")
+        return
+    _vllm_run_engine_core = run
+    EngineCoreProc.run_engine_core = staticmethod(_run_engine_core)
+
+
+def _run_engine_core(*args: Any, **kwargs: Any) -> None:
+    """The engine-core process's entry point: vLLM's, with a thread that kills the process as soon
+    as its parent has exited."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(
+            target=_die_with, args=(parent,), name="lens-die-with-parent", daemon=True
+        ).start()
+    run = _vllm_run_engine_core  # set in a forked child
+    if run is None:  # spawned: this interpreter imported vLLM afresh, unchanged
+        from vllm.v1.engine.core import EngineCoreProc
+
+        run = EngineCoreProc.run_engine_core
+    run(*args, **kwargs)
+
+
+def _die_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the parent's end of the pipe closes: the parent has exited
+    # SIGKILL, not a clean shutdown: nobody is left to serve, and the memory must come back now.
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,6 +396,7 @@ class VllmEngine:
             gpu_memory_utilization=c.gpu_memory_utilization or 0.9,
             scheduling_policy=c.scheduling_policy,
         )
+        _engine_core_dies_with_parent()
         self._llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[_make_stat_logger_factory(self._stats)]
         )

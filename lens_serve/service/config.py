@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     drain_seconds: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight streams may finish before they are cancelled."""
+    max_append_bytes: int = Field(16 << 20, ge=1)
+    """Bytes of text one Append stream may carry; the stream is refused (RESOURCE_EXHAUSTED) as
+    soon as it sends more. Its tokens are bounded by max_session_tokens."""
 
     max_model_len: int = Field(8192, ge=16)
     """Engine context length (prompt rows + completion)."""

@@ -26,7 +26,7 @@ import grpc.aio
 import redis.exceptions
 
 from lens_serve import metrics
-from lens_serve.errors import InvalidRequest, LensError
+from lens_serve.errors import MAX_MESSAGE_CHARS, InvalidRequest, LensError, shorten
 from lens_serve.service import auth
 from lens_serve.service.config import Settings
 
@@ -51,10 +51,12 @@ _PASS_THROUGH: tuple[type[BaseException], ...] = (
 class _Outcome:
     """The status an RPC ended with, as far as the interceptor can see it."""
 
-    __slots__ = ("code",)
+    __slots__ = ("code", "ended")
 
     def __init__(self) -> None:
         self.code: grpc.StatusCode | None = None
+        self.ended = False
+        """The handler has run to its end (returned or raised)."""
 
 
 class LensInterceptor(grpc.aio.ServerInterceptor):
@@ -109,7 +111,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
         self, method: str, behavior: Callable[..., Any]
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            outcome = _Outcome()
+            outcome = _counted(method, context)
             start = time.perf_counter()
             try:
                 self._authorize(method, context)
@@ -123,7 +125,8 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await _abort(exc, method, context, outcome)
             finally:
-                _record(method, context, outcome, time.perf_counter() - start)
+                outcome.ended = True
+                metrics.RPC_LATENCY_SECONDS.labels(method).observe(time.perf_counter() - start)
 
         return wrapper
 
@@ -133,7 +136,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
-            outcome = _Outcome()
+            outcome = _counted(method, context)
             start = time.perf_counter()
             try:
                 self._authorize(method, context)
@@ -146,7 +149,8 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await _abort(exc, method, context, outcome)
             finally:
-                _record(method, context, outcome, time.perf_counter() - start)
+                outcome.ended = True
+                metrics.RPC_LATENCY_SECONDS.labels(method).observe(time.perf_counter() - start)
 
         return wrapper
 
@@ -220,14 +224,12 @@ async def relay(responses: object) -> AsyncGenerator[Any, None]:
 
 def _pass_through_code(
     exc: BaseException, context: grpc.aio.ServicerContext[Any, Any]
-) -> grpc.StatusCode | None:
+) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AbortError):  # the handler aborted itself: its code is set
         return _context_code(context) or grpc.StatusCode.UNKNOWN
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
-    # GeneratorExit: gRPC stopped reading this stream (the call already ended, e.g. cancelled);
-    # the final status is not visible from here.
-    return None
+    # CancelledError: the client went away (or the server is stopping). GeneratorExit: gRPC stopped
+    # reading this stream before its end, which it does only when the call ends that way too.
+    return grpc.StatusCode.CANCELLED
 
 
 async def _abort(
@@ -246,7 +248,9 @@ async def _abort(
             logger.exception("%s failed", method)  # our bug, not the client's: keep the traceback
         else:
             logger.debug("%s: %s %s", method, code.name, exc)
-        details = str(exc)
+        # Messages quote client values (ids, names); those raised below the service are not cut
+        # where they are made, so every message is cut here too.
+        details = shorten(str(exc), MAX_MESSAGE_CHARS)
     elif isinstance(exc, _UNAVAILABLE_ERRORS):
         logger.warning("%s: redis unavailable: %s", method, exc)
         code, details = grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE_MESSAGE
@@ -267,14 +271,26 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def _record(
-    method: str,
-    context: grpc.aio.ServicerContext[Any, Any],
-    outcome: _Outcome,
-    elapsed_s: float,
-) -> None:
-    metrics.RPC_LATENCY_SECONDS.labels(method).observe(elapsed_s)
-    # A handler may also end a call with context.set_code() and a normal return.
-    code = outcome.code if outcome.code is not None else _context_code(context)
-    if code is not None and code is not grpc.StatusCode.OK:
-        metrics.RPC_ERRORS_TOTAL.labels(method, code.name).inc()
+def _counted(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Outcome:
+    """The call's outcome, counted in `lens_rpc_errors_total` exactly once, when gRPC reports the
+    call done.
+
+    Not when the handler unwinds: a stream cancelled while gRPC was sending one of its responses is
+    abandoned mid-stream, and gRPC leaves closing it (GeneratorExit) to the garbage collector:
+    before or after the call is done, or much later. (`context.cancelled()` does not help: it
+    reports only a CANCELLED status the server set itself.)"""
+    outcome = _Outcome()
+
+    def count(_: object) -> None:
+        if outcome.code is not None:
+            code: grpc.StatusCode | None = outcome.code
+        elif not outcome.ended:  # abandoned mid-stream: the call was cancelled
+            code = grpc.StatusCode.CANCELLED
+        else:  # a handler may also end a call with context.set_code() and a normal return
+            code = _context_code(context)
+        if code is not None and code is not grpc.StatusCode.OK:
+            metrics.RPC_ERRORS_TOTAL.labels(method, code.name).inc()
+
+    # The stubs type the callback as a class of their own; gRPC calls it with the context.
+    context.add_done_callback(count)  # type: ignore[arg-type]
+    return outcome

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,18 +127,27 @@ class LensService:
         self._trees.drop(session_id)
 
     async def append(
-        self, owner: str, session_id: str, parts: Sequence[str | Sequence[int]]
+        self,
+        owner: str,
+        session_id: str,
+        parts: Iterable[str | Sequence[int]] | AsyncIterable[str | Sequence[int]],
     ) -> tuple[int, int]:
-        """Append text runs (tokenized whole) and token-id runs, in order, as one atomic append.
-        Returns the new lifetime and the number of tokens appended."""
-        ids: list[int] = []
-        for part in parts:
-            ids += (
-                self._validate.encode(part)
-                if isinstance(part, str)
-                else self._validate.token_ids(part, "token_ids")
-            )
+        """Append text runs and token-id runs, in order, as one atomic append (consecutive text
+        tokenizes as one text). `parts` may be a stream (an Append's chunks): it is read and
+        tokenized as it arrives, and refused (`LimitExceeded`) as soon as it exceeds the upload
+        limits, with nothing appended. Returns the new lifetime and the tokens appended."""
         sid = self._validate.session_id(session_id)
+        # Unknown sessions are refused before their upload is read and tokenized; the append
+        # below checks again, atomically.
+        info = await self.sessions.get(sid, owner)
+        upload = self._validate.upload(self.settings.max_session_tokens - info.lifetime_tokens)
+        if isinstance(parts, AsyncIterable):
+            async for part in parts:
+                await upload.add(part)
+        else:
+            for part in parts:
+                await upload.add(part)
+        ids = await upload.finish()
         async with self._lock(sid):
             return await self.sessions.append(sid, owner, ids), len(ids)
 

@@ -6,7 +6,8 @@ Errors are raised as LensError subclasses and mapped to status codes by the inte
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -89,24 +90,25 @@ class LensServeServicer(pb_grpc.LensServeServicer):
     async def Append(
         self, request_iterator: AsyncIterator[pb.AppendRequest], context: Context
     ) -> pb.AppendResponse:
-        session_id = ""
-        parts: list[str | list[int]] = []
-        async for chunk in request_iterator:
-            if chunk.session_id and session_id and chunk.session_id != session_id:
-                raise InvalidRequest("session_id", "must be the same on every chunk of a stream")
-            session_id = session_id or chunk.session_id
-            if chunk.text and chunk.token_ids:
-                raise InvalidRequest("text", "a chunk carries text or token_ids, not both")
-            if chunk.text:  # consecutive text chunks are joined before tokenizing
-                if parts and isinstance(parts[-1], str):
-                    parts[-1] += chunk.text
-                else:
-                    parts.append(chunk.text)
-            elif chunk.token_ids:
-                parts.append(list(chunk.token_ids))
-        if not session_id:
+        first = await anext(request_iterator, None)
+        if first is None or not first.session_id:
             raise InvalidRequest("session_id", "must be set on the first chunk")
-        lifetime, appended = await self._service.append(current_owner(), session_id, parts)
+        session_id = first.session_id
+
+        async def parts() -> AsyncGenerator[str | Sequence[int], None]:
+            """The chunks as the service's parts, checked as they arrive: the service reads them
+            while they stream, so that it can refuse an upload before its end."""
+            chunk: pb.AppendRequest | None = first
+            while chunk is not None:
+                if chunk.session_id and chunk.session_id != session_id:
+                    raise InvalidRequest("session_id", "must be the same on every chunk")
+                if chunk.text and chunk.token_ids:
+                    raise InvalidRequest("text", "a chunk carries text or token_ids, not both")
+                yield chunk.token_ids if chunk.token_ids else chunk.text
+                chunk = await anext(request_iterator, None)
+
+        async with aclosing(parts()) as stream:
+            lifetime, appended = await self._service.append(current_owner(), session_id, stream)
         return pb.AppendResponse(
             session_id=session_id, lifetime_tokens=lifetime, appended_tokens=appended
         )

@@ -3,19 +3,26 @@ refused with an `InvalidRequest` that names the field."""
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
+from array import array
+from collections.abc import Callable, Sequence
 
 from lens_serve.core.context import validate_budget
 from lens_serve.core.policies import POLICIES, check_feasible
 from lens_serve.engine.protocol import Engine, GenerationParams
-from lens_serve.errors import InvalidRequest
+from lens_serve.errors import InvalidRequest, LimitExceeded, echo
 from lens_serve.service.config import Settings
 from lens_serve.service.requests import ContextQuery, GenerateInput, Sampling
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 MAX_TEMPERATURE = 10.0
 DEFAULT_POLICY = "lens"
+# Session ids are 32 hex characters (uuid4). A longer value is no id at all (say, a document pasted
+# into the wrong field): INVALID_ARGUMENT tells the client which field to fix, where NOT_FOUND
+# would tell it to create a session and re-append (docs/design.md §7). Shorter wrong ids stay
+# NOT_FOUND: a typo or an expired id is an unknown session. 64 leaves room for a longer id format.
+MAX_SESSION_ID_CHARS = 64
 
 
 class RequestValidator:
@@ -42,7 +49,7 @@ class RequestValidator:
     def policy(policy: str) -> str:
         name = policy or DEFAULT_POLICY
         if name not in POLICIES:
-            raise InvalidRequest("policy", f"must be one of {POLICIES}, got {policy!r}")
+            raise InvalidRequest("policy", f"must be one of {POLICIES}, got {echo(policy)}")
         return name
 
     def feasible(self, lifetime: int, budget: int, policy: str) -> None:
@@ -135,4 +142,115 @@ class RequestValidator:
     def session_id(session_id: str) -> str:
         if not session_id:
             raise InvalidRequest("session_id", "must not be empty")
+        if len(session_id) > MAX_SESSION_ID_CHARS:
+            raise InvalidRequest(
+                "session_id",
+                f"{echo(session_id)} is no session id (at most {MAX_SESSION_ID_CHARS} characters)",
+            )
         return session_id
+
+    def upload(self, max_tokens: int) -> Upload:
+        """An Append's token ids, gathered as it streams, with at most `max_tokens` of them."""
+        return Upload(
+            self.encode,
+            lambda ids: self.token_ids(ids, "token_ids"),
+            max_bytes=self._settings.max_append_bytes,
+            max_tokens=max_tokens,
+        )
+
+
+_PIECE_CHARS = 1 << 18
+"""Most text one worker-thread call tokenizes: a cancelled upload leaves at most this much work
+running, and the text waiting for its next piece stays this small."""
+# Where text may be cut into pieces: a whitespace character after a non-whitespace one. Byte-level
+# BPE pre-tokenizers (GPT-2's regex: the tiny model's and SmolLM2's) never put whitespace after
+# other characters in one pre-token, and BPE never merges across pre-tokens, so the two sides
+# tokenize alone exactly as in the whole text. Only these four characters: Python's isspace()
+# counts a few more (U+001C-U+001F) than the tokenizers' \s does.
+_CUT_BEFORE = frozenset(" \t\n\r")
+
+
+class Upload:
+    """The token ids of one Append stream, gathered chunk by chunk so that a large upload neither
+    blocks the event loop nor waits in memory as text: text is tokenized in pieces in a worker
+    thread, and the stream is refused (`LimitExceeded`, before anything is written) as soon as it
+    carries more than `max_bytes` of text or `max_tokens` tokens in all."""
+
+    def __init__(
+        self,
+        encode: Callable[[str], list[int]],
+        check_ids: Callable[[Sequence[int]], list[int]],
+        *,
+        max_bytes: int,
+        max_tokens: int,
+    ) -> None:
+        self._encode = encode
+        self._check_ids = check_ids
+        self._max_bytes = max_bytes
+        self._max_tokens = max_tokens
+        self._bytes = 0
+        self._text = ""
+        """Text not tokenized yet: a token may go on in the next chunk."""
+        self._ids: array[int] = array("i")  # 4 bytes a token, not a Python int's 28 + 8
+
+    async def add(self, part: str | Sequence[int]) -> None:
+        """A text chunk or a run of token ids."""
+        if isinstance(part, str):
+            await self.add_text(part)
+        else:
+            await self.add_ids(part)
+
+    async def add_text(self, text: str) -> None:
+        self._bytes += len(text.encode())
+        if self._bytes > self._max_bytes:
+            raise LimitExceeded(
+                "text", f"an Append carries at most {self._max_bytes} bytes of text"
+            )
+        self._text += text
+        while len(self._text) > _PIECE_CHARS:
+            await self._encode_piece()
+
+    async def add_ids(self, ids: Sequence[int]) -> None:
+        await self._flush()  # text before these ids tokenizes up to them
+        self._count(len(ids), "token_ids")
+        self._ids.extend(await asyncio.to_thread(self._check_ids, ids))
+
+    async def finish(self) -> array[int]:
+        """All the token ids, in stream order."""
+        await self._flush()
+        return self._ids
+
+    async def _flush(self) -> None:
+        while self._text:
+            await self._encode_piece()
+
+    async def _encode_piece(self) -> None:
+        ids, self._text = await asyncio.to_thread(_encode_piece, self._encode, self._text)
+        self._count(len(ids), "text")
+        self._ids.extend(ids)
+
+    def _count(self, more: int, field_name: str) -> None:
+        if len(self._ids) + more > self._max_tokens:
+            raise LimitExceeded(
+                field_name,
+                f"the Append comes to more than {self._max_tokens} tokens, more than the "
+                "session can take",
+            )
+
+
+def _encode_piece(encode: Callable[[str], list[int]], text: str) -> tuple[list[int], str]:
+    """Tokenizes the longest prefix of `text` (at most _PIECE_CHARS) that ends where it may be cut;
+    returns its ids and the rest. Text that fits one piece is tokenized whole. A run of over
+    _PIECE_CHARS characters with no place to cut is cut anyway (its ids may differ from the whole
+    text's where it is cut): waiting for its end could hold all of it in memory."""
+    if len(text) <= _PIECE_CHARS:
+        return encode(text), ""
+    cut = next(
+        (
+            i
+            for i in range(_PIECE_CHARS, 0, -1)
+            if text[i] in _CUT_BEFORE and not text[i - 1].isspace()
+        ),
+        _PIECE_CHARS,
+    )
+    return encode(text[:cut]), text[cut:]
