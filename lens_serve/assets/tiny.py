@@ -6,9 +6,7 @@ tests.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from lens_serve.assets.recipe_common import (
     check_special_ids,
     hf,
     save_bf16,
+    stdlib_corpus,
 )
 
 logger = logging.getLogger(__name__)
@@ -38,40 +37,6 @@ TINY_KV_HEADS = 2
 TINY_INTERMEDIATE = 688
 TINY_INIT_STD = 0.02
 TINY_CORPUS_CHARS = 2_000_000  # bounded prefix of the sorted stdlib *.py files
-
-
-def _stdlib_corpus(max_chars: int = TINY_CORPUS_CHARS) -> tuple[list[str], dict[str, Any]]:
-    """A deterministic, bounded prefix of the sorted top-level stdlib ``*.py`` files."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    names: list[str] = []
-    total = 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(encoding="utf-8", errors="replace")
-        texts.append(text)
-        names.append(path.name)
-        total += len(text)
-        if total >= max_chars:
-            break
-    if total < max_chars // 4:
-        raise ModelPrepareError(
-            f"found only {total} characters of Python sources in {stdlib}; the tiny tokenizer is "
-            "trained on the standard library sources, which this Python seems to lack"
-        )
-    digest = hashlib.sha256()
-    for name, text in zip(names, texts, strict=True):
-        digest.update(name.encode())
-        digest.update(b"\0")
-        digest.update(text.encode("utf-8", errors="surrogatepass"))
-        digest.update(b"\0")
-    info = {
-        "files": len(names),
-        "chars": total,
-        "first": names[0],
-        "last": names[-1],
-        "sha256": digest.hexdigest(),
-    }
-    return texts, info
 
 
 def _train_tiny_tokenizer(texts: list[str]) -> Any:
@@ -105,7 +70,7 @@ def build_tiny(out: Path, root: Path, seed: int) -> dict[str, Any]:
     import torch
 
     transformers = hf()
-    texts, corpus = _stdlib_corpus()
+    texts, corpus = stdlib_corpus(TINY_CORPUS_CHARS)
     logger.info(
         "training a %d-token byte-level BPE on %d stdlib files (%d chars)",
         TINY_VOCAB,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lens_serve.assets import install, model_dirs, smollm2
 from lens_serve.assets.install import prepare_model
@@ -25,6 +26,7 @@ from lens_serve.assets.model_dirs import (
     ModelNotPreparedError,
     ModelPrepareError,
     UnknownModelError,
+    UnsupportedModelError,
     read_manifest,
     resolve_model,
     verify_model,
@@ -98,18 +100,19 @@ def test_models_dir_defaults_to_cwd_models_when_env_unset(
 
 
 def test_every_model_name_has_a_recipe_and_the_catalogue_names_the_wheel() -> None:
-    assert tuple(install._RECIPES) == model_dirs.model_names() == ("tiny", "smollm2-135m")
+    names = ("tiny", "tiny-qwen", "smollm2-135m")
+    assert tuple(install._RECIPES) == model_dirs.model_names() == names
     assert smollm2.SMOLLM2_PACKAGE in model_dirs.model_spec("smollm2-135m").description
 
 
 def test_prepare_model_raises_naming_valid_names_when_name_unknown(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"unknown model name 'gpt-9'.*tiny, smollm2-135m"):
+    with pytest.raises(ValueError, match=r"unknown model name 'gpt-9'.*tiny, tiny-qwen, smollm2"):
         prepare_model("gpt-9", tmp_path)
     assert not (tmp_path / "gpt-9").exists()
 
 
 def test_resolve_model_raises_naming_valid_names_when_name_unknown(tmp_path: Path) -> None:
-    with pytest.raises(UnknownModelError, match=r"tiny, smollm2-135m"):
+    with pytest.raises(UnknownModelError, match=r"tiny, tiny-qwen, smollm2-135m"):
         resolve_model("gpt-9", tmp_path)
 
 
@@ -125,8 +128,71 @@ def test_resolve_model_raises_when_build_is_incomplete(tmp_path: Path) -> None:
         resolve_model("tiny", tmp_path)
 
 
-def test_resolve_model_returns_directory_as_is_when_path_exists(tmp_path: Path) -> None:
-    assert resolve_model(str(tmp_path), tmp_path / "elsewhere") == tmp_path
+def test_resolve_model_returns_directory_as_is_when_it_holds_a_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    assert resolve_model(str(tiny_model_dir), tmp_path) == tiny_model_dir
+
+
+def _model_copy(model_dir: Path, to: Path, **config: Any) -> Path:
+    """A copy of `model_dir` (weights linked) with `config` merged into its config.json."""
+    to.mkdir()
+    for path in model_dir.iterdir():
+        (to / path.name).symlink_to(path)
+    (to / "config.json").unlink()
+    merged = {**json.loads((model_dir / "config.json").read_text()), **config}
+    (to / "config.json").write_text(json.dumps(merged))
+    return to
+
+
+@pytest.mark.parametrize(
+    ("config", "error"),
+    [
+        ({"architectures": ["T5ForConditionalGeneration"]}, r"\['T5ForConditionalGeneration'\]"),
+        ({"is_encoder_decoder": True}, r"encoder-decoder"),
+        ({"architectures": ["BertModel"]}, r"decoder-only causal LMs"),
+        ({"architectures": None}, r"declares architectures \[\]"),
+    ],
+)
+def test_resolve_model_refuses_a_directory_that_is_no_causal_lm(
+    tiny_model_dir: Path, tmp_path: Path, config: dict[str, Any], error: str
+) -> None:
+    other = _model_copy(tiny_model_dir, tmp_path / "other", **config)
+    with pytest.raises(UnsupportedModelError, match=error):
+        resolve_model(str(other))
+
+
+def test_resolve_model_refuses_a_directory_without_config(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelError, match=r"no readable config\.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_resolve_model_names_the_tensors_when_the_embedding_table_is_missing(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    other = _model_copy(tiny_model_dir, tmp_path / "gpt2-like")
+    (other / WEIGHTS_NAME).unlink()
+    tensors = {"transformer.wte.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)}
+    save_file(tensors, str(other / WEIGHTS_NAME))
+    match = rf"holds no '{EMBED_KEY}'.*found: lm_head\.weight, transformer\.wte\.weight"
+    with pytest.raises(UnsupportedModelError, match=match):
+        resolve_model(str(other))
+    (other / WEIGHTS_NAME).unlink()
+    with pytest.raises(UnsupportedModelError, match="reads safetensors checkpoints only"):
+        resolve_model(str(other))
+
+
+def test_resolve_model_reads_a_sharded_checkpoint_index(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    other = _model_copy(tiny_model_dir, tmp_path / "sharded")
+    index = {"weight_map": {EMBED_KEY: WEIGHTS_NAME}}
+    (other / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert resolve_model(str(other)) == other
+    index = {"weight_map": {"model.norm.weight": WEIGHTS_NAME}}
+    (other / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnsupportedModelError, match=r"found: model\.norm\.weight"):
+        resolve_model(str(other))
 
 
 def test_resolve_model_returns_prepared_dir_when_complete(tiny_model_dir: Path) -> None:
@@ -239,7 +305,12 @@ def test_tiny_has_expected_files_and_config(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "fixture", ["tiny_model_dir", pytest.param("smollm2_model_dir", marks=pytest.mark.slow)]
+    "fixture",
+    [
+        "tiny_model_dir",
+        "tiny_qwen_model_dir",
+        pytest.param("smollm2_model_dir", marks=pytest.mark.slow),
+    ],
 )
 def test_embedding_table_is_in_safetensors_when_prepared(
     fixture: str, request: pytest.FixtureRequest
@@ -292,6 +363,66 @@ def test_nll_via_inputs_embeds_equals_input_ids_on_tiny(
     model, tokenizer = tiny_loaded
     by_ids, by_embeds = _nll_pair(model, tokenizer, tiny_model_dir)
     # Observed bit-identical on this CPU; 1e-5 leaves room for other kernels.
+    torch.testing.assert_close(by_embeds, by_ids, rtol=0.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- tiny-qwen contents
+
+
+@pytest.mark.slow
+def test_prepare_tiny_qwen_is_bit_identical_when_built_twice(tmp_path: Path) -> None:
+    a = prepare_model("tiny-qwen", tmp_path / "a")
+    b = prepare_model("tiny-qwen", tmp_path / "b")
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma is not None and mb is not None
+    assert ma["files"] == mb["files"] and ma["seed"] == 0
+
+
+def test_tiny_qwen_is_another_family_with_a_sentencepiece_style_tokenizer(
+    tiny_qwen_model_dir: Path,
+) -> None:
+    config = json.loads((tiny_qwen_model_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (
+        128,
+        2,
+        4096,
+    )
+    assert config["tie_word_embeddings"] is True and config["dtype"] == "bfloat16"
+    tokenizer = json.loads((tiny_qwen_model_dir / "tokenizer.json").read_text())
+    assert tokenizer["pre_tokenizer"]["type"] == "Metaspace"
+    assert tokenizer["model"]["byte_fallback"] is True
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_loaded(tiny_qwen_model_dir: Path) -> tuple[Any, Any]:
+    return _load(tiny_qwen_model_dir)
+
+
+def test_tiny_qwen_tokenizer_round_trips_text_as_vllm_loads_it(
+    tiny_qwen_loaded: tuple[Any, Any], tiny_qwen_model_dir: Path
+) -> None:
+    """vLLM loads the tokenizer with transformers' AutoTokenizer, which for some model types
+    replaces the tokenizer.json's pipeline with its own (Qwen2's byte-level one): it must encode
+    as tokenizer.json does, or the server's frame ids and text disagree."""
+    from tokenizers import Tokenizer
+
+    _, tokenizer = tiny_qwen_loaded
+    text = NLL_TEXT + "\n  tabs\tand unicode: héllo ✓ 12345"
+    ids = tokenizer(text).input_ids
+    raw = Tokenizer.from_file(str(tiny_qwen_model_dir / "tokenizer.json"))
+    assert ids == raw.encode(text, add_special_tokens=False).ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.convert_ids_to_tokens(ids[:1]) == ["▁def"]  # SentencePiece's leading space
+    rendered = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert rendered == CHAT_RENDERED
+
+
+def test_nll_via_inputs_embeds_equals_input_ids_on_tiny_qwen(
+    tiny_qwen_loaded: tuple[Any, Any], tiny_qwen_model_dir: Path
+) -> None:
+    model, tokenizer = tiny_qwen_loaded
+    by_ids, by_embeds = _nll_pair(model, tokenizer, tiny_qwen_model_dir)
     torch.testing.assert_close(by_embeds, by_ids, rtol=0.0, atol=1e-5)
 
 
@@ -376,7 +507,11 @@ def test_cli_models_list_reports_status(
     (tmp_path / "tiny").symlink_to(tiny_model_dir, target_is_directory=True)
     assert cli.main(["models", "list", "--models-dir", str(tmp_path)]) == 0
     lines = dict(line.split("\t")[:2] for line in capsys.readouterr().out.splitlines())
-    assert lines == {"tiny": "prepared", "smollm2-135m": "not prepared"}
+    assert lines == {
+        "tiny": "prepared",
+        "tiny-qwen": "not prepared",
+        "smollm2-135m": "not prepared",
+    }
 
 
 def test_cli_returns_error_when_model_unknown(
@@ -384,7 +519,7 @@ def test_cli_returns_error_when_model_unknown(
 ) -> None:
     # cli.main configures logging itself (to stderr), so read stderr, not pytest's log capture.
     assert cli.main(["models", "prepare", "gpt-9", "--models-dir", str(tmp_path)]) == 1
-    assert "valid names: tiny, smollm2-135m" in capfd.readouterr().err
+    assert "valid names: tiny, tiny-qwen, smollm2-135m" in capfd.readouterr().err
 
 
 def test_cli_exits_with_usage_error_when_command_missing(
