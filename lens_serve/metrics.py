@@ -55,6 +55,10 @@ LENS_VERSION_INFO = Gauge(
 LENS_SWAP_FAILURES_TOTAL = Counter(
     "lens_lensnet_swap_failures_total", "LensNet versions rejected (checksum, config or load)"
 )
+LENS_WATCHER_FAILURES_TOTAL = Counter(
+    "lens_lensnet_watcher_failures_total",
+    "Times the LensNet watcher lost Redis (or failed otherwise) and had to subscribe again",
+)
 TREE_CACHE_BYTES = Gauge("lens_tree_cache_bytes", "Memory held by cached session trees")
 SHADOW_JOBS_DROPPED_TOTAL = Counter(
     "lens_shadow_jobs_dropped_total", "Shadow-scoring jobs dropped, by reason", ["reason"]

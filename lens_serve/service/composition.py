@@ -99,7 +99,14 @@ async def build_service(settings: Settings, engine: Engine, redis: Redis) -> Len
     )
     gistnet = published or configured
     logger.info("GistNet %s (%s)", gistnet.version, "published" if published else "configured")
-    weights = WeightStore(redis, table.hidden_size, settings.lens_seed, FocusConfig())
+    weights = WeightStore(
+        redis,
+        table.hidden_size,
+        settings.lens_seed,
+        FocusConfig(),
+        retry_seconds=settings.lens_retry_seconds,
+        retry_max_seconds=settings.lens_retry_max_seconds,
+    )
     await weights.start()
     service = assemble_service(
         settings, engine, redis, table=table, gistnet=gistnet, weights=weights

@@ -123,6 +123,22 @@ class Settings(BaseSettings):
     """Approximate cap on the lens:prefs stream (XADD MAXLEN ~)."""
     lens_poll_seconds: float = Field(1.0, gt=0)
     """How often lens:current is polled besides the lens:events subscription."""
+    lens_retry_seconds: float = Field(0.5, gt=0)
+    """First wait before the LensNet watcher subscribes again after losing Redis; it doubles on
+    each failure in a row, up to lens_retry_max_seconds."""
+    lens_retry_max_seconds: float = Field(5.0, gt=0)
+    """Longest wait between the LensNet watcher's attempts to reach Redis again."""
+    lens_unready_seconds: float = Field(30.0, gt=0)
+    """Readiness (the LensServe health name) turns NOT_SERVING once the LensNet watcher has been
+    cut off from Redis this long: the replica may be running a LensNet the fleet has left. It turns
+    SERVING again when the watcher is back. Liveness does not change."""
+    redis_socket_timeout_s: float = Field(5.0, gt=0)
+    """Longest wait for a Redis reply before the command fails (and is retried by redis-py)."""
+    redis_connect_timeout_s: float = Field(5.0, gt=0)
+    """Longest wait to connect to Redis."""
+    redis_health_check_s: int = Field(30, ge=0)
+    """A Redis connection idle this long is PINGed before use, so a dead one (a restarted server,
+    a dropped TCP connection) is replaced before a command is lost on it; 0 disables."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -139,6 +155,8 @@ class Settings(BaseSettings):
             raise ValueError(f"gist_kind must be one of {GIST_KINDS}, got {self.gist_kind!r}")
         if self.block_size % self.gist_rows:
             raise ValueError(f"gist_rows ({self.gist_rows}) must divide block_size")
+        if self.lens_retry_seconds > self.lens_retry_max_seconds:
+            raise ValueError("lens_retry_seconds must not exceed lens_retry_max_seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         return self

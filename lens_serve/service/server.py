@@ -46,6 +46,9 @@ OVERALL_HEALTH = ""
 # How often the engine's health is polled; it only reads a flag in vLLM, so this is cheap, and 5 s
 # is well inside a readiness probe's period.
 _ENGINE_HEALTH_INTERVAL_S = 5.0
+# Readiness looks at the LensNet watcher this many times per `lens_unready_seconds` (a clock read),
+# so it turns NOT_SERVING at most a quarter of that limit late.
+_LENS_CHECKS_PER_LIMIT = 4
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -218,7 +221,12 @@ async def _run(
         resources.callback(http_thread.join)
         resources.callback(http_server.shutdown)
         logger.info("metrics on http://%s/metrics", _address(settings.host, settings.metrics_port))
-    redis = Redis.from_url(redis_url)  # bytes responses: the session store needs them
+    redis = Redis.from_url(  # bytes responses: the session store needs them
+        redis_url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        health_check_interval=settings.redis_health_check_s,
+    )
     resources.push_async_callback(_step, "redis client closed", redis.aclose)
 
     health_servicer = health_v1.aio.HealthServicer()
@@ -250,14 +258,18 @@ async def _run(
             if loaded is None:
                 logger.info("shutdown requested while loading")
                 return
-            serve_servicer, admin_servicer, engine = loaded
+            serve_servicer, admin_servicer, engine, lens_down_seconds = loaded
             serve_proxy.bind(serve_servicer)
             admin_proxy.bind(admin_servicer)
             for name in (OVERALL_HEALTH, LENS_SERVE_SERVICE):
                 await health_servicer.set(name, _SERVING)
             sys.stdout.write(f"listening on {_address(settings.host, port)}\n")
             sys.stdout.flush()
-            watcher = asyncio.create_task(_watch_engine(engine, health_servicer))
+            watcher = asyncio.create_task(
+                _watch_health(
+                    engine, lens_down_seconds, health_servicer, settings.lens_unready_seconds
+                )
+            )
             try:
                 await stop.wait()
             finally:
@@ -286,9 +298,14 @@ async def _until_stopped(work: Coroutine[Any, Any, _T], stop: asyncio.Event) -> 
 
 async def _load(
     settings: Settings, redis: Redis, domain: contextlib.AsyncExitStack
-) -> tuple[lens_serve_pb2_grpc.LensServeServicer, lens_serve_pb2_grpc.LensAdminServicer, Engine]:
-    """Engine, domain service and its servicers; each closer goes on `domain` once its object
-    exists."""
+) -> tuple[
+    lens_serve_pb2_grpc.LensServeServicer,
+    lens_serve_pb2_grpc.LensAdminServicer,
+    Engine,
+    Callable[[], float],
+]:
+    """Engine, domain service, its servicers, and how long the LensNet watcher has been cut off
+    from Redis; each closer goes on `domain` once its object exists."""
     # Heavy imports (torch, vLLM) only here: the CLI has configured logging before they load, and
     # importing this module (tests, `--help`) stays cheap.
     from lens_serve.assets.model_dirs import resolve_model
@@ -303,7 +320,7 @@ async def _load(
     service = await build_service(settings, engine, redis)
     domain.push_async_callback(_step, "service closed", service.aclose)
     logger.info("service ready")
-    return (*build_servicers(service), engine)
+    return (*build_servicers(service), engine, service.weights.watcher_down_seconds)
 
 
 async def _step(message: str, close: Callable[[], Any]) -> None:
@@ -318,12 +335,35 @@ async def _step(message: str, close: Callable[[], Any]) -> None:
         logger.info("%s", message)
 
 
-async def _watch_engine(engine: Engine, health_servicer: health_v1.aio.HealthServicer) -> None:
-    """Turns health NOT_SERVING if the engine dies, so probes restart or drain this replica."""
+async def _watch_health(
+    engine: Engine,
+    lens_down_seconds: Callable[[], float],
+    health_servicer: health_v1.aio.HealthServicer,
+    unready_after_s: float,
+) -> None:
+    """Turns health NOT_SERVING for good if the engine dies, so probes restart or drain this
+    replica. Readiness alone is NOT_SERVING while the LensNet watcher has been cut off from Redis
+    longer than `unready_after_s` (this replica may be running a LensNet the fleet has left), and
+    SERVING again once it is back: a Redis outage is no reason to restart the replica."""
+    loop = asyncio.get_running_loop()
+    interval = min(_ENGINE_HEALTH_INTERVAL_S, unready_after_s / _LENS_CHECKS_PER_LIMIT)
+    engine_due = loop.time() + _ENGINE_HEALTH_INTERVAL_S
+    ready = True
     while True:
-        await asyncio.sleep(_ENGINE_HEALTH_INTERVAL_S)
-        if not await engine.is_healthy():
-            logger.error("engine is not healthy: health set to NOT_SERVING")
-            for name in (OVERALL_HEALTH, LENS_SERVE_SERVICE):
-                await health_servicer.set(name, _NOT_SERVING)
-            return
+        await asyncio.sleep(interval)
+        if loop.time() >= engine_due:
+            engine_due = loop.time() + _ENGINE_HEALTH_INTERVAL_S
+            if not await engine.is_healthy():
+                logger.error("engine is not healthy: health set to NOT_SERVING")
+                for name in (OVERALL_HEALTH, LENS_SERVE_SERVICE):
+                    await health_servicer.set(name, _NOT_SERVING)
+                return
+        down = lens_down_seconds()
+        if ready and down > unready_after_s:
+            ready = False
+            logger.error("LensNet watcher cut off from Redis for %.1f s: not ready", down)
+            await health_servicer.set(LENS_SERVE_SERVICE, _NOT_SERVING)
+        elif not ready and down == 0:
+            ready = True
+            logger.info("LensNet watcher is back: ready")
+            await health_servicer.set(LENS_SERVE_SERVICE, _SERVING)

@@ -202,20 +202,27 @@ class LensAdminServicer(pb_grpc.LensAdminServicer):
     async def GetLensStatus(
         self, request: pb.GetLensStatusRequest, context: Context
     ) -> pb.LensStatus:
-        current, versions = await self._weights.published()
+        current, versions, unloadable = await self._weights.published()
+        info = [
+            pb.LensVersion(
+                version=v.version,
+                created_at=_timestamp(v.created_at),
+                parent=v.parent,
+                metrics_json=json.dumps(v.metrics, sort_keys=True),
+                unloadable_reason=unloadable.pop(v.version, ""),
+            )
+            for v in versions
+        ]
+        # What is left are records too malformed to date: listed last, so they can be found.
+        info += [
+            pb.LensVersion(version=n, unloadable_reason=r) for n, r in sorted(unloadable.items())
+        ]
         return pb.LensStatus(
             current_version=current or self._weights.version,
-            versions=[v.version for v in versions],
-            version_info=[
-                pb.LensVersion(
-                    version=v.version,
-                    created_at=_timestamp(v.created_at),
-                    parent=v.parent,
-                    metrics_json=json.dumps(v.metrics, sort_keys=True),
-                )
-                for v in versions
-            ],
+            versions=[i.version for i in info],
+            version_info=info,
             loaded_version=self._weights.version,
+            not_current_reason=self._weights.not_current_reason,
         )
 
     async def SetLensVersion(

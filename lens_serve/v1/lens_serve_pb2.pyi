@@ -710,12 +710,17 @@ class LensVersion(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     PARENT_FIELD_NUMBER: _builtins.int
     METRICS_JSON_FIELD_NUMBER: _builtins.int
+    UNLOADABLE_REASON_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Version name."""
     parent: _builtins.str
     """The version it was trained from; empty for the first."""
     metrics_json: _builtins.str
     """Evaluation metrics recorded at publish time, as a JSON object."""
+    unloadable_reason: _builtins.str
+    """Why this server cannot load the version (malformed or incomplete record, checksum, config,
+    weights); empty if it can.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When it was published."""
@@ -727,10 +732,11 @@ class LensVersion(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         parent: _builtins.str = ...,
         metrics_json: _builtins.str = ...,
+        unloadable_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "metrics_json", b"metrics_json", "parent", b"parent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "metrics_json", b"metrics_json", "parent", b"parent", "unloadable_reason", b"unloadable_reason", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -746,10 +752,15 @@ class LensStatus(_message.Message):
     VERSIONS_FIELD_NUMBER: _builtins.int
     VERSION_INFO_FIELD_NUMBER: _builtins.int
     LOADED_VERSION_FIELD_NUMBER: _builtins.int
+    NOT_CURRENT_REASON_FIELD_NUMBER: _builtins.int
     current_version: _builtins.str
     """The version servers must run (`lens:current`)."""
     loaded_version: _builtins.str
     """The version this server has loaded; lags `current_version` briefly during a hot swap."""
+    not_current_reason: _builtins.str
+    """Why this server does not run `current_version` (it cannot load it) and what it runs instead;
+    empty when it runs it, or while a hot swap is under way.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every known version, oldest first."""
@@ -765,10 +776,11 @@ class LensStatus(_message.Message):
         versions: _abc.Iterable[_builtins.str] | None = ...,
         version_info: _abc.Iterable[Global___LensVersion] | None = ...,
         loaded_version: _builtins.str = ...,
+        not_current_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_version", b"current_version", "loaded_version", b"loaded_version", "version_info", b"version_info", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_version", b"current_version", "loaded_version", b"loaded_version", "not_current_reason", b"not_current_reason", "version_info", b"version_info", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -335,11 +335,11 @@ async def test_serve_lifecycle_loading_serving_drain(
 
     async def fake_load(
         settings: Settings, redis: Any, domain: contextlib.AsyncExitStack
-    ) -> tuple[Any, Any, Any]:
+    ) -> tuple[Any, Any, Any, Callable[[], float]]:
         assert await redis.ping()  # the embedded redis-server is up before loading
         domain.push_async_callback(server._step, "engine shut down", engine.shutdown)
         await release.wait()
-        return fake_servicer, FakeAdminServicer(), engine
+        return fake_servicer, FakeAdminServicer(), engine, lambda: 0.0  # LensNet watcher never down
 
     monkeypatch.setattr(server, "_load", fake_load)
     settings = make_settings(host="127.0.0.1", port=0, drain_seconds=0.5)
