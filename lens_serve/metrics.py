@@ -60,6 +60,10 @@ LENS_WATCHER_FAILURES_TOTAL = Counter(
     "Times the LensNet watcher lost Redis (or failed otherwise) and had to subscribe again",
 )
 TREE_CACHE_BYTES = Gauge("lens_tree_cache_bytes", "Memory held by cached session trees")
+SESSION_RESYNCS_TOTAL = Counter(
+    "lens_session_resyncs_total",
+    "Cached session trees rebuilt because the Redis token log no longer agreed with them",
+)
 SHADOW_JOBS_DROPPED_TOTAL = Counter(
     "lens_shadow_jobs_dropped_total", "Shadow-scoring jobs dropped, by reason", ["reason"]
 )

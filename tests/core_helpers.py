@@ -74,7 +74,7 @@ def chooser(
     return ContextChooser(random_lensnet(seed), focus, retrieval)
 
 
-NO_RETRIEVAL = RetrievalConfig(blocks=0)
+NO_RETRIEVAL = RetrievalConfig(blocks=0, recall_blocks=0)
 """For tests of the allocator alone: no retrieval prior, no recalls."""
 
 

@@ -5,9 +5,11 @@ database afterwards; `redis_server_factory`: extra, independent, restartable ser
 """
 
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,16 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    @contextmanager
+    def stalled(self) -> Iterator[None]:
+        """SIGSTOPs the server for the block (commands queue up, then run on SIGCONT): a stall."""
+        assert self._proc is not None, "redis-server is not running"
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def start(self) -> None:
         if self._proc is not None:

@@ -120,11 +120,13 @@ class ContextChooser:
         budget: int,
         tail: int,
         state: FocusState | None,
-        query: np.ndarray,
+        query: np.ndarray | None,
     ) -> tuple[FocusState, EditStats]:
+        """`query` None: no question to recall for (a refit ahead of the next turn)."""
         fresh = not _continues(state, tree, budget, tail)
-        floor = 0.0 if fresh else self.retrieval.recall_min_score
-        blocks = retrieved_blocks(tree, query, tail, self.retrieval, floor)
+        blocks = []
+        if query is not None:
+            blocks = retrieved_blocks(tree, query, tail, self.retrieval, recall=not fresh)
         room = budget  # what the allocator may fill (a continuing session keeps room to recall)
         if fresh or state is None:
             state = FocusState(retrieval(coarse, blocks, budget))
@@ -173,9 +175,27 @@ class ContextChooser:
         created = {u: s for u, s in kept.items() if state.step - s < self.focus.cooldown_steps}
         created.update(dict.fromkeys(made, state.step))
         tiling = state.tiling
-        if not fresh:
+        if not fresh and query is not None:
             tiling = recall(tiling, blocks, budget, question_start(tree, query, tail))
         return FocusState(tiling, state.step, created), EditStats(*(int(t) for t in totals))
+
+    def anticipate(
+        self, tree: LifetimeTree, budget: int, tail: int, state: FocusState, reserve: int
+    ) -> FocusState | None:
+        """The `lens` state a session's next turn should continue from, refit now when the next
+        turn's `reserve` new tokens would not fit; None when the next turn will not need a refit
+        (or cannot continue `state` at all). A refit recomputes every row after its first edit, so
+        it belongs in the time the user reads an answer, not before the next first token."""
+        if not _continues(state, tree, budget, tail):
+            return None
+        if extend_tiling(state.tiling, tree.lifetime).rows + reserve <= budget:
+            return None
+        b, r, f = tree.block_size, tree.gist_rows, tree.frame_rows
+        coarse = coarsest_tiling(tree.lifetime, tail, tree.levels, b, r, f)
+        if coarse.rows + reserve > budget:
+            return None  # the next turn must refit whatever is done now
+        anticipated, _ = self._lens(tree, coarse, budget - reserve, tail, state, None)
+        return anticipated
 
 
 def check_feasible(

@@ -21,6 +21,9 @@ class RetrievalConfig:
     """Best-ranked blocks shown raw per request (0: retrieve nothing)."""
     neighbours: int = 1
     """Blocks shown raw on either side of each retrieved block."""
+    recall_blocks: int = 1
+    """Best-ranked blocks a continuing session recalls, each with its neighbours: a recall's rows
+    are new rows that the question's first token waits for."""
     recall_min_score: float = 12.0
     """Least BM25 score of a block a continuing session recalls. A recall recomputes the rows
     after it, so a match on a question's everyday words is not worth it (generic questions about a
@@ -39,17 +42,21 @@ def retrieved_blocks(
     query: np.ndarray,
     tail: int,
     config: RetrievalConfig,
-    min_score: float = 0.0,
+    recall: bool = False,
 ) -> list[int]:
     """Indices of the blocks to show raw, most relevant first: the `config.blocks` best BM25
-    blocks older than the raw region scoring above `min_score` (ties: the newer first), each
-    followed by its neighbours."""
+    blocks older than the raw region (ties: the newer first), each followed by its neighbours.
+    `recall`: for a continuing session, the `config.recall_blocks` best scoring at least
+    `config.recall_min_score`."""
+    count, min_score = (
+        (config.recall_blocks, config.recall_min_score) if recall else (config.blocks, 0.0)
+    )
     first_raw = raw_from(tree.lifetime, tail, tree.block_size) // tree.block_size
     scores = tree.index.bm25(query)[:first_raw]  # (first_raw,)
     if not scores.size or scores.max() <= 0:
         return []
     order = np.lexsort((-np.arange(scores.size), -scores))  # best first, then newest first
-    best = [int(i) for i in order[: config.blocks] if scores[i] > max(min_score, 0.0)]
+    best = [int(i) for i in order[:count] if scores[i] > 0 and scores[i] >= min_score]
     out: list[int] = []
     for block in best:
         around = [block + d for d in range(-config.neighbours, config.neighbours + 1) if d]

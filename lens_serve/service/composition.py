@@ -75,7 +75,7 @@ def assemble_service(
         make_tree=make_tree,
         gistnet_version=gistnet.version,
         validator=RequestValidator(settings, engine, table.vocab_size, gistnet.config.frame_rows),
-        prewarmer=Prewarmer(engine, table),
+        prewarmer=Prewarmer(engine),
         shadow=shadow,
     )
 

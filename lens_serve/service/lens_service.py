@@ -44,9 +44,12 @@ from lens_serve.service.tree_cache import CachedSession, TreeCache
 from lens_serve.service.validation import RequestValidator
 from lens_serve.shadow.jobs import build_job
 from lens_serve.shadow.scorer import ShadowScorer
-from lens_serve.store.sessions import SessionFull, SessionInfo, SessionStore
+from lens_serve.store.sessions import Once, SessionFull, SessionInfo, SessionStore
 
 logger = logging.getLogger(__name__)
+
+SYNC_OVERLAP = 16
+"""Tokens of a cached tree re-read from the log on every sync, to notice a log that lost them."""
 
 NEWEST = ContextQuery(None, "newest")
 """The default query: the newest tokens."""
@@ -131,12 +134,15 @@ class LensService:
         owner: str,
         session_id: str,
         parts: Iterable[str | Sequence[int]] | AsyncIterable[str | Sequence[int]],
+        idempotency_key: str = "",
     ) -> tuple[int, int]:
         """Append text runs and token-id runs, in order, as one atomic append (consecutive text
         tokenizes as one text). `parts` may be a stream (an Append's chunks): it is read and
         tokenized as it arrives, and refused (`LimitExceeded`) as soon as it exceeds the upload
-        limits, with nothing appended. Returns the new lifetime and the tokens appended."""
+        limits, with nothing appended. Returns the new lifetime and the tokens appended (by the
+        first append under `idempotency_key`: a retry appends nothing)."""
         sid = self._validate.session_id(session_id)
+        key = self._validate.idempotency_key(idempotency_key)
         # Unknown sessions are refused before their upload is read and tokenized; the append
         # below checks again, atomically.
         info = await self.sessions.get(sid, owner)
@@ -149,7 +155,14 @@ class LensService:
                 await upload.add(part)
         ids = await upload.finish()
         async with self._lock(sid):
-            return await self.sessions.append(sid, owner, ids), len(ids)
+            lifetime, applied = await self.sessions.append_once(
+                sid, owner, ids, self._once(key, "append")
+            )
+        if applied:
+            return lifetime, len(ids)
+        record = await self.sessions.write_record(sid, owner, key)
+        start, end = record.parts["append"] if record else (0, 0)
+        return lifetime, end - start
 
     # -- working contexts -----------------------------------------------------------------------
 
@@ -191,12 +204,19 @@ class LensService:
         chooser = self.weights.chooser  # the whole request runs on this LensNet version
         sid = self._validate.session_id(request.session_id) if request.session_id else ""
         seed = request.sampling.seed
+        # Without a session nothing is written, so a retry is safe without a key.
+        key = self._validate.idempotency_key(request.idempotency_key) if sid else ""
+        if key:
+            replay = await self._replay(owner, sid, key, policy)
+            if replay is not None:
+                yield replay
+                return
         with self._admission.slot():
             if sid:
                 query = self._validate.prompt_query(request, prompt)
                 prepared = await self._prepare_turn(
                     owner, sid, prompt, budget=budget, policy=policy, params=params,
-                    chooser=chooser, seed=seed, query=query,
+                    chooser=chooser, seed=seed, query=query, key=key,
                 )  # fmt: skip
             else:  # the prompt is the whole context: the request asks what its newest tokens do
                 self._validate.feasible(len(prompt), budget, policy)
@@ -216,9 +236,12 @@ class LensService:
                     continue
                 if sid and completion:
                     async with self._lock(sid):
-                        await self.sessions.append(sid, owner, completion)
+                        await self.sessions.append(sid, owner, completion, once)
+                    once = self._once(key, "answer", chunk.finish_reason)
                     if self.settings.prewarm_next_turn:
-                        self._prewarmer.schedule(prepared.embeds, completion)
+                        self._prewarmer.schedule(
+                            self._next_turn_rows(owner, sid, prepared, prompt, completion, chooser)
+                        )
                 self._maybe_shadow(request_id, sid, policy, prepared, prompt, completion, chooser)
                 metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
                 wc = prepared.view.working_context
@@ -253,15 +276,17 @@ class LensService:
         seed: int,
         query: ContextQuery,
     ) -> _Prepared:
-        """Check, append the prompt to the session, and choose its working context."""
+        """Check, append the prompt to the session (once per idempotency `key`), and choose its
+        working context."""
         async with self._lock(sid):
+        key: str,
             info = await self.sessions.get(sid, owner)
             lifetime = info.lifetime_tokens + len(prompt)
             self._validate.feasible(lifetime, budget, policy)
             limit = self.settings.max_session_tokens
             if lifetime + params.max_tokens > limit:  # refuse now, not after generating
                 raise SessionFull(sid, info.lifetime_tokens, len(prompt) + params.max_tokens, limit)
-            await self.sessions.append(sid, owner, prompt)
+            await self.sessions.append(sid, owner, prompt, self._once(key, "prompt"))
             entry = await self._synced(owner, sid)
             prepared = await self._prepare(
                 chooser, entry.tree, policy=policy, budget=budget, seed=seed, focus=entry.focus,
@@ -274,6 +299,58 @@ class LensService:
     def _maybe_shadow(
         self,
         request_id: str,
+    def _once(self, key: str, part: str, finish_reason: str = "") -> Once | None:
+        return Once(key, part, self.settings.idempotency_ttl_s, finish_reason) if key else None
+
+    async def _replay(self, owner: str, sid: str, key: str, policy: str) -> GenerateEvent | None:
+        """The stored answer of a turn that an earlier request with idempotency `key` completed
+        (its reply was lost), as one final event; None if that turn has no stored answer."""
+        record = await self.sessions.write_record(sid, owner, key)
+        if record is None or "answer" not in record.parts:
+            return None
+        start, end = record.parts["answer"]
+        answer = (await self.sessions.tokens(sid, owner, start=start))[: end - start].tolist()
+        prompt_start, prompt_end = record.parts.get("prompt", (start, start))
+        usage = Usage(
+            lifetime_tokens=prompt_end, wc_rows=0, gist_covered_tokens=0, lens_version="",
+            wc_choice_ms=0.0, completion_tokens=len(answer), cached_rows=0,
+            prompt_tokens=prompt_end - prompt_start, policy=policy, gistnet_version="",
+            query_source="", query_tokens=0, replayed=True,
+        )  # fmt: skip
+        text = self.engine.decode(answer)
+        return GenerateEvent(uuid.uuid4().hex, text, answer, record.finish_reason, usage)
+
+    async def _next_turn_rows(
+        self,
+        owner: str,
+        sid: str,
+        prepared: _Prepared,
+        prompt: list[int],
+        completion: list[int],
+        chooser: ContextChooser,
+    ) -> torch.Tensor | None:
+        """The rows (rows, D) a session's next turn will start with: this turn's WC and its answer,
+        or, under `lens` when the next turn's new tokens (taken to be as many as this prompt's)
+        would not fit, the WC refit now, which becomes the session's state. None: another turn
+        came first."""
+        answer_rows = prepared.tree.table(torch.tensor(completion))  # (answer, D)
+        focus = prepared.choice.focus
+        if focus is None:
+            return torch.cat([prepared.embeds, answer_rows])
+        async with self._lock(sid):
+            entry = await self._synced(owner, sid)
+            if entry.focus is not focus:
+                return None
+            budget, tail = prepared.view.budget, self.settings.tail
+            refit = await asyncio.to_thread(
+                chooser.anticipate, entry.tree, budget, tail, focus, len(prompt)
+            )
+            if refit is None:
+                return torch.cat([prepared.embeds, answer_rows])
+            entry.focus = refit
+            wc = refit.tiling.to_working_context("lens", chooser.lens_version)
+            return await asyncio.to_thread(assemble, entry.tree, wc)
+
         sid: str,
         policy: str,
         prepared: _Prepared,
@@ -398,15 +475,26 @@ class LensService:
         entry = self._trees.get(session_id)
         if entry is not None and entry.tree.gistnet_version != self.gistnet_version:
             entry = None  # built with another GistNet: its gists must not meet this one's
-        if entry is None:
-            tokens = await self.sessions.tokens(session_id, owner)
-            entry = CachedSession(await asyncio.to_thread(self._make_tree, tokens))
-            self._trees.put(session_id, entry)
-            return entry
-        new = await self.sessions.tokens(session_id, owner, start=entry.tree.lifetime)
-        if len(new):
-            await asyncio.to_thread(entry.tree.append, new)
-            self._trees.trim()
+        if entry is not None:
+            # Re-read a few tokens the tree already holds: Redis can lose acknowledged writes (a
+            # crash under appendfsync everysec, a failover to a lagging replica), and answers must
+            # never use text the log no longer has.
+            seen = min(entry.tree.lifetime, SYNC_OVERLAP)
+            start = entry.tree.lifetime - seen
+            new = await self.sessions.tokens(session_id, owner, start=start)
+            if len(new) >= seen and np.array_equal(new[:seen], entry.tree.tokens(start)):
+                if len(new) > seen:
+                    await asyncio.to_thread(entry.tree.append, new[seen:])
+                    self._trees.trim()
+                return entry
+            metrics.SESSION_RESYNCS_TOTAL.inc()
+            logger.warning(
+                "session %s: the token log no longer matches the cached tree (%d tokens); "
+                "rebuilding it from the log", session_id, entry.tree.lifetime,
+            )  # fmt: skip
+        tokens = await self.sessions.tokens(session_id, owner)
+        entry = CachedSession(await asyncio.to_thread(self._make_tree, tokens))
+        self._trees.put(session_id, entry)
         return entry
 
     def _lock(self, session_id: str) -> asyncio.Lock:

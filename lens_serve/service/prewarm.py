@@ -1,21 +1,22 @@
-"""Next-turn prefill: after a session turn, prefill WC + answer in the background.
+"""Next-turn prefill: after a session turn, prefill the next turn's prefix in the background.
 
 vLLM never reuses the KV of decoded tokens for a later prompt of embeddings (it hashes decoded
 tokens by id and prompt rows by their bytes), so without this every turn recomputes the previous
-answer before its first token. The next turn's WC starts with exactly these rows whenever the
-allocator only appends (it keeps headroom for that)."""
+answer before its first token. The next turn's WC starts with exactly these rows whenever it only
+appends: `LensService` refits the WC ahead of a turn that would not fit (the refit is then prefilled
+here, while the user reads the answer)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable
 
 import torch
 
 from lens_serve import metrics
 from lens_serve.aio import cancel_and_wait
-from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.engine.protocol import Engine, GenerationParams
 
 logger = logging.getLogger(__name__)
@@ -25,17 +26,14 @@ PREWARM_PRIORITY = 5
 
 
 class Prewarmer:
-    def __init__(self, engine: Engine, table: EmbeddingTable) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._table = table
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def schedule(self, wc_rows: torch.Tensor, answer: list[int]) -> None:
-        """Prefill `wc_rows` (WC, D) + the answer's rows at PREWARM_PRIORITY, in the background."""
-        rows = torch.cat([wc_rows, self._table(torch.tensor(answer))])  # (WC + answer, D)
-        if rows.shape[0] >= self._engine.max_model_len:
-            return
-        task = asyncio.create_task(self._prefill(rows, f"prewarm-{uuid.uuid4().hex}"))
+    def schedule(self, next_rows: Awaitable[torch.Tensor | None]) -> None:
+        """Prefill the rows `next_rows` gives (rows, D; None: nothing) at PREWARM_PRIORITY, in
+        the background."""
+        task = asyncio.create_task(self._prefill(next_rows, f"prewarm-{uuid.uuid4().hex}"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -46,8 +44,11 @@ class Prewarmer:
     async def aclose(self) -> None:
         await cancel_and_wait(self._tasks)
 
-    async def _prefill(self, rows: torch.Tensor, request_id: str) -> None:
+    async def _prefill(self, next_rows: Awaitable[torch.Tensor | None], request_id: str) -> None:
         try:
+            rows = await next_rows
+            if rows is None or rows.shape[0] >= self._engine.max_model_len:
+                return
             params = GenerationParams(max_tokens=1, temperature=0.0)
             async for _ in self._engine.generate(rows, params, request_id, PREWARM_PRIORITY):
                 pass

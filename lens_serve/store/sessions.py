@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,7 @@ from lens_serve.errors import LensError
 
 SESSION_KEY_PREFIX = "lens:session:"
 TOKENS_KEY_SUFFIX = ":tokens"
+WRITE_KEY_INFIX = ":write:"
 # Metadata hash fields.
 FIELD_OWNER = "owner"
 FIELD_MODEL = "model"
@@ -48,6 +49,11 @@ def session_key(session_id: str) -> str:
 def tokens_key(session_id: str) -> str:
     """The packed token log (string) of a session."""
     return f"{SESSION_KEY_PREFIX}{session_id}{TOKENS_KEY_SUFFIX}"
+
+
+def write_key(session_id: str, idempotency_key: str) -> str:
+    """The record (hash) of what one idempotency key's writes appended to a session."""
+    return f"{SESSION_KEY_PREFIX}{session_id}{WRITE_KEY_INFIX}{idempotency_key}"
 
 
 class SessionError(LensError):
@@ -113,6 +119,26 @@ class InvalidTokenIds(SessionError, ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Once:
+    """Makes an append idempotent: `key` (the client's idempotency key) names a write record, and
+    a `part` of it that the record already holds is never appended twice."""
+
+    key: str
+    part: str  # "append" (an Append), "prompt" or "answer" (a session Generate)
+    ttl_s: int
+    """How long the record is kept: the window in which a retry is recognised."""
+    finish_reason: str = ""  # kept with an answer, so a retried turn can be replayed
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRecord:
+    """What the writes of one idempotency key appended: each part's [start, end) in tokens."""
+
+    parts: dict[str, tuple[int, int]]
+    finish_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class SessionInfo:
     """What the store knows about a session."""
 
@@ -139,20 +165,28 @@ class _LuaScript:
 
 
 # Status codes the scripts return first.
-_OK, _NOT_FOUND, _MODEL_MISMATCH, _FULL = 0, 1, 2, 3
+_OK, _NOT_FOUND, _MODEL_MISMATCH, _FULL, _DONE_BEFORE = 0, 1, 2, 3, 4
 
-# KEYS: meta, tokens. ARGV: owner, model, packed tokens, max bytes, ttl seconds.
-# Returns {status, lifetime bytes or the session's model}.
+# KEYS: meta, tokens[, write record]. ARGV: owner, model, packed tokens, max bytes, ttl seconds[,
+# part, record ttl seconds, finish reason]. With a write record, a part it already holds is not
+# appended again. Returns {status, lifetime bytes or the session's model}.
 _APPEND = _LuaScript(
     """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'model')
 if meta[1] ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return {1, 0} end
 if meta[2] ~= ARGV[2] then return {2, meta[2]} end
 local len = redis.call('STRLEN', KEYS[2])
+if KEYS[3] and redis.call('HEXISTS', KEYS[3], ARGV[6]) == 1 then return {4, len} end
 if len + string.len(ARGV[3]) > tonumber(ARGV[4]) then return {3, len} end
+local start = len
 if string.len(ARGV[3]) > 0 then len = redis.call('APPEND', KEYS[2], ARGV[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('EXPIRE', KEYS[2], ARGV[5])
+if KEYS[3] then
+  redis.call('HSET', KEYS[3], ARGV[6], start .. ' ' .. len)
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[3], 'finish', ARGV[8]) end
+  redis.call('EXPIRE', KEYS[3], ARGV[7])
+end
 return {0, len}
 """
 )
@@ -216,18 +250,33 @@ class SessionStore:
             session_id, owner, self.model, float(created_at or 0), nbytes // _TOKEN_BYTES
         )
 
-    async def append(self, session_id: str, owner: str, token_ids: Sequence[int]) -> int:
+    async def append(
+        self, session_id: str, owner: str, token_ids: Sequence[int], once: Once | None = None
+    ) -> int:
         """Appends `token_ids` atomically and refreshes the TTL; returns the new lifetime length.
+        With `once`, a part its record already holds appends nothing (see `append_once`).
 
         Raises SessionFull (and appends nothing) if the result would exceed `max_tokens`.
         """
+        return (await self.append_once(session_id, owner, token_ids, once))[0]
+
+    async def append_once(
+        self, session_id: str, owner: str, token_ids: Sequence[int], once: Once | None
+    ) -> tuple[int, bool]:
+        """`append`, also saying whether this call appended (False: `once`'s record already held
+        the part, so a retry of an ambiguous write changes nothing)."""
         self._check_id(session_id)
         packed = self._pack(session_id, token_ids)
-        status, value = await _APPEND(
-            self._redis,
-            [session_key(session_id), tokens_key(session_id)],
-            [owner, self.model, packed, str(self.max_tokens * _TOKEN_BYTES), str(self.ttl_s)],
-        )
+        keys = [session_key(session_id), tokens_key(session_id)]
+        args: list[str | bytes] = [
+            owner, self.model, packed, str(self.max_tokens * _TOKEN_BYTES), str(self.ttl_s)
+        ]  # fmt: skip
+        if once is not None:
+            keys.append(write_key(session_id, once.key))
+            args += [once.part, str(once.ttl_s), once.finish_reason]
+        status, value = await _APPEND(self._redis, keys, args)
+        if status == _DONE_BEFORE:
+            return int(value) // _TOKEN_BYTES, False
         if status == _NOT_FOUND:
             raise SessionNotFound(session_id)
         if status == _MODEL_MISMATCH:
@@ -236,7 +285,21 @@ class SessionStore:
             raise SessionFull(session_id, value // _TOKEN_BYTES, len(token_ids), self.max_tokens)
         if status != _OK:
             raise RuntimeError(f"session append script returned unknown status {status!r}")
-        return int(value) // _TOKEN_BYTES
+        return int(value) // _TOKEN_BYTES, True
+
+    async def write_record(self, session_id: str, owner: str, key: str) -> WriteRecord | None:
+        """What the writes under idempotency key `key` appended to the session (None: nothing,
+        or the record has expired)."""
+        await self.get(session_id, owner)  # the record is only shown to the session's owner
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(write_key(session_id, key)))
+        if not raw:
+            return None
+        finish = raw.pop(b"finish", b"").decode()
+        parts = {}
+        for part, span in raw.items():
+            start, end = (int(x) // _TOKEN_BYTES for x in span.split())
+            parts[part.decode()] = (start, end)
+        return WriteRecord(parts, finish)
 
     async def tokens(self, session_id: str, owner: str, start: int = 0) -> npt.NDArray[np.int32]:
         """Token ids from lifetime position `start` on (only those bytes are transferred)."""

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lens_serve.core.allocator import FocusConfig, FocusState
 from lens_serve.core.assembly import assemble, layout, shown_token_ids
-from lens_serve.core.context import check_invariants, coarsest_tiling
+from lens_serve.core.context import check_invariants, coarsest_tiling, extend_tiling
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.core.policies import POLICIES, ContextChooser
 from lens_serve.core.retrieval import RetrievalConfig
@@ -20,6 +20,7 @@ from tests.core_helpers import (
     HIDDEN,
     LIST_CLOSER,
     LIST_OPENER,
+    NO_RETRIEVAL,
     chooser,
     make_tree,
     node_counts,
@@ -96,6 +97,48 @@ def test_lens_policy_continuing_a_session_holds_invariants(
         check_invariants(choice.working_context, budget, tail, node_counts(tree))
         assert choice.working_context.start == 0
         state = choice.focus
+
+
+@SETTINGS
+@given(
+    lifetime=st.integers(300, 2500),
+    prompt=st.integers(1, 40),
+    answer=st.integers(1, 40),
+    budget=st.integers(120, 400),
+    tail=st.integers(0, 60),
+    seed=st.integers(0, 2**16),
+)
+def test_a_refit_ahead_of_the_next_turn_leaves_that_turn_only_appending(
+    lifetime: int, prompt: int, answer: int, budget: int, tail: int, seed: int
+) -> None:
+    """`anticipate` refits while the user reads the answer; the next turn (a prompt of the same
+    length) then starts with exactly the rows prefilled after the previous one. (A question that
+    recalls old blocks edits on purpose: recalls are off here.)"""
+    turns = 6
+    assume(coarsest_tiling(lifetime + turns * (prompt + answer), tail, 9, 4, 1).rows <= budget // 2)
+    tree = make_tree(lifetime, block_size=4, seed=seed % 5)
+    untrained = ContextChooser(
+        LensNet(LensNetConfig(hidden_size=HIDDEN, width=16, heads=2)), retrieval=NO_RETRIEVAL
+    )
+    rng = np.random.default_rng(seed)
+    prefilled = None
+    for _ in range(turns):
+        tree.append(rng.integers(0, 512, prompt))
+        choice = untrained.choose(tree, "lens", budget, tail, state=prefilled)
+        wc = choice.working_context
+        check_invariants(wc, budget, tail, node_counts(tree))
+        if prefilled is not None:
+            before = extend_tiling(prefilled.tiling, tree.lifetime - prompt).to_working_context("")
+            assert np.array_equal(wc.lods[: before.rows], before.lods)
+            assert np.array_equal(wc.starts[: before.rows], before.starts)
+        tree.append(rng.integers(0, 512, answer))
+        assert choice.focus is not None
+        refit = untrained.anticipate(tree, budget, tail, choice.focus, prompt)
+        if refit is not None:
+            check_invariants(
+                refit.tiling.to_working_context(""), budget - prompt, tail, node_counts(tree)
+            )
+        prefilled = refit or choice.focus
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -361,6 +361,26 @@ async def test_append_repeating_the_session_id_on_later_chunks_is_accepted(
         assert (await s.stub.Append(iter(chunks))).appended_tokens == 4
 
 
+async def test_a_retried_append_stream_with_an_idempotency_key_appends_once(
+    redis_client: Redis,
+) -> None:
+    async with serving(redis_client) as s:
+        session_id = await new_session(s)
+        chunks = [
+            pb.AppendRequest(session_id=session_id, idempotency_key="up-1", text="abc"),
+            pb.AppendRequest(text="de"),
+        ]
+        first = await s.stub.Append(iter(chunks))
+        retry = await s.stub.Append(iter(chunks))
+        assert (first.lifetime_tokens, first.appended_tokens) == (5, 5)
+        assert (retry.lifetime_tokens, retry.appended_tokens) == (5, 5)
+        late_key = [pb.AppendRequest(session_id=session_id), pb.AppendRequest(idempotency_key="k")]
+        error = await append_error(s, late_key)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (error.details() or "").startswith("idempotency_key:")
+        assert await lifetime(s, session_id) == 5
+
+
 # ---- cancelled streams are counted once ---------------------------------------------------------
 
 

@@ -8,12 +8,15 @@ from redis.asyncio import Redis
 
 from lens_serve.store.sessions import (
     InvalidTokenIds,
+    Once,
     SessionFull,
     SessionModelMismatch,
     SessionNotFound,
     SessionStore,
+    WriteRecord,
     session_key,
     tokens_key,
+    write_key,
 )
 from tests.fixtures_redis import RedisServerFactory
 
@@ -285,3 +288,42 @@ def test_store_rejects_bad_settings_when_constructed() -> None:
         SessionStore(client, 10, 10, "")
     with pytest.raises(ValueError, match="decode_responses"):
         SessionStore(Redis(decode_responses=True), 10, 10, MODEL)
+
+
+async def test_an_idempotent_append_is_applied_once(redis_client: Redis) -> None:
+    store = _store(redis_client)
+    sid = (await store.create("alice")).session_id
+    once = Once("req-1", "append", ttl_s=60)
+    assert await store.append_once(sid, "alice", [1, 2, 3], once) == (3, True)
+    # A retry after an ambiguous failure (it was applied, the reply was lost) appends nothing.
+    assert await store.append_once(sid, "alice", [1, 2, 3], once) == (3, False)
+    assert await store.append(sid, "alice", [9], Once("req-2", "append", ttl_s=60)) == 4
+    assert (await store.tokens(sid, "alice")).tolist() == [1, 2, 3, 9]
+    record = await store.write_record(sid, "alice", "req-1")
+    assert record is not None and record.parts == {"append": (0, 3)}
+    assert 0 < await redis_client.ttl(write_key(sid, "req-1")) <= 60
+    assert await store.write_record(sid, "alice", "never-used") is None
+    with pytest.raises(SessionNotFound):
+        await store.write_record(sid, "mallory", "req-1")
+
+
+async def test_a_turns_prompt_and_answer_are_separate_parts_of_one_record(
+    redis_client: Redis,
+) -> None:
+    store = _store(redis_client)
+    sid = (await store.create("alice")).session_id
+    await store.append(sid, "alice", [5, 5])
+    assert await store.append(sid, "alice", [1, 2], Once("turn", "prompt", 60)) == 4
+    assert await store.append(sid, "alice", [1, 2], Once("turn", "prompt", 60)) == 4  # a retry
+    assert await store.append(sid, "alice", [7, 8, 9], Once("turn", "answer", 60, "stop")) == 7
+    record = await store.write_record(sid, "alice", "turn")
+    assert record == WriteRecord({"prompt": (2, 4), "answer": (4, 7)}, "stop")
+
+
+async def test_a_refused_idempotent_append_leaves_no_record(redis_client: Redis) -> None:
+    store = _store(redis_client, max_tokens=4)
+    sid = (await store.create("alice")).session_id
+    with pytest.raises(SessionFull):
+        await store.append(sid, "alice", [1] * 5, Once("big", "append", 60))
+    assert await store.write_record(sid, "alice", "big") is None
+    assert await store.append(sid, "alice", [1] * 4, Once("big", "append", 60)) == 4
