@@ -10,7 +10,7 @@ export TORCHINDUCTOR_CACHE_DIR  := $(CURDIR)/.cache/inductor
 export LENS_MODELS_DIR          ?= $(CURDIR)/models
 export HF_HUB_OFFLINE           := 1
 
-.PHONY: install demo test check lint typecheck pytest proto proto-check models format clean
+.PHONY: install demo test check lint typecheck pytest proto proto-check models format drill clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ pytest: install
 	$(BIN)/pytest
 
 test: check pytest
+
+# Issue #22's fault drill: real redis-server and lens-serve processes, each fault once, one line
+# each (held / FAILED); writes bench/out/faults.json. A few minutes on 2 cores.
+drill: install
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis
