@@ -37,6 +37,7 @@ from redis.asyncio import Redis
 from lens_serve.aio import cancel_and_wait
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.errors import NotFound
 from lens_serve.store.preferences import parse_record
 from lens_serve.store.registry import LENSNET, WeightsRejected, verify_lensnet
 from trainer.config import TrainerSettings
@@ -253,10 +254,10 @@ class Trainer:
         assert self._redis is not None
         if version in self._unloadable:
             return None, 0
-        published = await LENSNET.fetch(self._redis, version)
         try:
+            published = await LENSNET.fetch(self._redis, version)
             net = await asyncio.to_thread(verify_lensnet, published, self.table.hidden_size)
-        except WeightsRejected as e:
+        except (WeightsRejected, NotFound) as e:
             logger.warning("lens:current %s", e)
             self._unloadable.add(version)
             return None, 0

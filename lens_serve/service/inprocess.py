@@ -17,7 +17,7 @@ from lens_serve.engine.protocol import Engine
 from lens_serve.service.composition import build_service, build_servicers
 from lens_serve.service.config import Settings
 from lens_serve.service.lens_service import LensService
-from lens_serve.service.server import build_server
+from lens_serve.service.server import build_server, redis_client
 from lens_serve.v1 import lens_serve_pb2_grpc as pb_grpc
 
 TEARDOWN_TIMEOUT_S = 10
@@ -40,7 +40,7 @@ async def serving_stack(settings: Settings, engine: Engine) -> AsyncIterator[Sta
     teardown step that hangs raises instead of blocking the caller forever."""
     if not settings.redis_url:
         raise ValueError("settings.redis_url: an in-process stack needs a running Redis")
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_client(settings, settings.redis_url)
     service = await build_service(settings, engine, redis)
     serve_servicer, admin_servicer = build_servicers(service)
     server, port = build_server(

@@ -66,6 +66,18 @@ def _address(host: str, port: int) -> str:
 
 
 def build_server(
+def redis_client(settings: Settings, url: str) -> Redis:
+    """The server's Redis client, with its own timeouts: a stalled or restarted Redis fails a
+    command within `redis_socket_timeout_s` instead of hanging it (bytes responses: the session
+    store needs them)."""
+    return Redis.from_url(
+        url,
+        socket_timeout=settings.redis_socket_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s,
+        health_check_interval=settings.redis_health_check_s,
+    )
+
+
     settings: Settings,
     *,
     serve_servicer: lens_serve_pb2_grpc.LensServeServicer,
@@ -221,12 +233,7 @@ async def _run(
         resources.callback(http_thread.join)
         resources.callback(http_server.shutdown)
         logger.info("metrics on http://%s/metrics", _address(settings.host, settings.metrics_port))
-    redis = Redis.from_url(  # bytes responses: the session store needs them
-        redis_url,
-        socket_timeout=settings.redis_socket_timeout_s,
-        socket_connect_timeout=settings.redis_connect_timeout_s,
-        health_check_interval=settings.redis_health_check_s,
-    )
+    redis = redis_client(settings, redis_url)
     resources.push_async_callback(_step, "redis client closed", redis.aclose)
 
     health_servicer = health_v1.aio.HealthServicer()
