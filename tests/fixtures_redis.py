@@ -37,8 +37,11 @@ class RedisServer:
     `restart()` keeps the directory, so with `appendonly=True` the data survives it.
     """
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, requirepass: str | None = None
+    ) -> None:
         self.directory = directory
+        self.requirepass = requirepass
         self.socket = directory / "redis.sock"
         self.log = directory / "redis.log"
         if len(str(self.socket)) > _MAX_SOCKET_PATH:
@@ -61,6 +64,8 @@ class RedisServer:
             "--appendfsync",
             "always",
         ]
+        if requirepass is not None:
+            self._args += ["--requirepass", requirepass]
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -106,7 +111,9 @@ class RedisServer:
 
     def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + _START_TIMEOUT_S
-        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
+        client = redis.Redis(
+            unix_socket_path=str(self.socket), password=self.requirepass, socket_timeout=1.0
+        )
         try:
             while True:
                 if proc.poll() is not None:
@@ -159,8 +166,12 @@ class RedisServerFactory:
         self._tmp_path_factory = tmp_path_factory
         self._servers: list[RedisServer] = []
 
-    def __call__(self, *, appendonly: bool = True) -> RedisServer:
-        server = RedisServer(self._tmp_path_factory.mktemp("redis-extra"), appendonly=appendonly)
+    def __call__(self, *, appendonly: bool = True, requirepass: str | None = None) -> RedisServer:
+        server = RedisServer(
+            self._tmp_path_factory.mktemp("redis-extra"),
+            appendonly=appendonly,
+            requirepass=requirepass,
+        )
         self._servers.append(server)
         server.start()
         return server

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -189,22 +190,68 @@ def rendered(
     request: pytest.FixtureRequest, kubectl: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Rendered:
     variant: Variant = request.param
+    return Rendered(variant, _render(kubectl, _target(variant, tmp_path_factory)))
+
+
+def _target(variant: Variant, tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = K8S / variant.overlay
-    if variant.components:
-        # A throw-away overlay that adds the components, as docs/deployment.md tells users to.
-        # kustomize wants relative paths.
-        root = tmp_path_factory.mktemp(variant.name.replace("+", "-"))
-        kustomization = {
-            "apiVersion": "kustomize.config.k8s.io/v1beta1",
-            "kind": "Kustomization",
-            "resources": [os.path.relpath(target, root)],
-            "components": [
-                os.path.relpath(K8S / "components" / c, root) for c in variant.components
-            ],
-        }
-        (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
-        target = root
-    return Rendered(variant, _render(kubectl, target))
+    if not variant.components:
+        return target
+    # A throw-away overlay that adds the components, as docs/deployment.md tells users to.
+    # kustomize wants relative paths.
+    root = tmp_path_factory.mktemp(variant.name.replace("+", "-"))
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(target, root)],
+        "components": [os.path.relpath(K8S / "components" / c, root) for c in variant.components],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return root
+
+
+def _kustomize_version(kubectl: str) -> str:
+    out = subprocess.run(
+        [kubectl, "version", "--client", "--output=json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    version: str = json.loads(out.stdout).get("kustomizeVersion", "")
+    return version
+
+
+@pytest.fixture(scope="session")
+def other_kubectls(kubectl: str) -> list[str]:
+    """kubectls on PATH other than the pinned one (the machine's, with its own kustomize)."""
+    pinned = Path(kubectl).resolve()
+    found = []
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = (Path(directory) / "kubectl").resolve()
+        usable = candidate.is_file() and os.access(candidate, os.X_OK)
+        if usable and candidate != pinned and str(candidate) not in found:
+            found.append(str(candidate))
+    return found
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_renders_the_same_with_other_kubectls(
+    variant: Variant,
+    kubectl: str,
+    other_kubectls: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Users render with whatever kubectl they have. kustomize 5.5 (kubectl 1.32) crashed on a
+    # file with several `$patch: delete` documents (kubernetes-sigs/kustomize#5471).
+    if not other_kubectls:
+        pytest.skip("no kubectl on PATH besides the pinned one")
+    target = _target(variant, tmp_path_factory)
+    expected = sorted(json.dumps(o, sort_keys=True) for o in _render(kubectl, target))
+    for other in other_kubectls:
+        version = _kustomize_version(other)
+        got = sorted(json.dumps(o, sort_keys=True) for o in _render(other, target))
+        assert got == expected, f"{other} (kustomize {version}) renders {variant.name} otherwise"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -574,11 +621,13 @@ def test_config_keys_are_real_settings(rendered: Rendered) -> None:
     trainer_fields = _settings_fields(REPO / "trainer/config.py", "TrainerSettings")
     trainer_known = {f"LENS_TRAINER_{f.upper()}" for f in trainer_fields} | CLI_ENV
     server = _container(rendered.workload(SERVER), "lens-serve")
-    for env in server.get("env", []):
-        assert env["name"] in known, env["name"]
     trainer = _container(rendered.workload(TRAINER), "lens-trainer")
-    for env in trainer.get("env", []):
-        assert env["name"] in trainer_known, env["name"]
+    for container, names in [(server, known), (trainer, trainer_known)]:
+        env = container.get("env", [])
+        referenced = {m for e in env for m in _VAR_REF.findall(str(e.get("value", "")))}
+        for var in env:
+            # A variable that is not a setting only builds others (REDIS_PASSWORD in the URL).
+            assert var["name"] in names or var["name"] in referenced, var["name"]
     # The trainer reads the same Redis and model as the servers.
     refs = {e["name"]: e["valueFrom"] for e in trainer["env"] if "valueFrom" in e}
     for trainer_var, server_var in [
@@ -586,21 +635,32 @@ def test_config_keys_are_real_settings(rendered: Rendered) -> None:
         ("LENS_TRAINER_MODELS_DIR", "LENS_MODELS_DIR"),
     ]:
         assert refs[trainer_var]["configMapKeyRef"]["key"] == server_var
-    redis_ref = refs["LENS_TRAINER_REDIS_URL"]
+    # ... and the same Redis.
+    server_url = next(e for e in server["env"] if e["name"] == "LENS_REDIS_URL")
+    trainer_url = next(e for e in trainer["env"] if e["name"] == "LENS_TRAINER_REDIS_URL")
+    assert {k: v for k, v in server_url.items() if k != "name"} == {
+        k: v for k, v in trainer_url.items() if k != "name"
+    }
     if rendered.variant.external_redis:
-        assert redis_ref["secretKeyRef"] == {"name": "lens-redis-external", "key": "url"}
-    else:
-        assert redis_ref["configMapKeyRef"]["key"] == "LENS_REDIS_URL"
+        assert trainer_url["valueFrom"]["secretKeyRef"] == {
+            "name": "lens-redis-external",
+            "key": "url",
+        }
 
 
 _SECRET_NAME = re.compile(r"TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIAL|API_KEY", re.IGNORECASE)
 # Long runs of token alphabet with letters and digits mixed: hex, base64 and base64url secrets.
 _TOKENISH = re.compile(r"^(?=.*\d)(?=.*[A-Za-z])[A-Za-z0-9_\-+/=]{20,}$")
-_URL_PASSWORD = re.compile(r"://[^/@\s]*:[^/@\s]+@")
+_URL_PASSWORD = re.compile(r"://[^/@\s]*:([^/@\s]+)@")
+# Kubernetes expands $(VAR) in env values from the variables defined before it.
+_VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
 def _looks_secret(value: str) -> bool:
-    return bool(_TOKENISH.match(value) or _URL_PASSWORD.search(value))
+    password = _URL_PASSWORD.search(value)
+    # A URL whose password is a reference to a variable is fine (that variable is checked).
+    inline_password = password is not None and not _VAR_REF.fullmatch(password.group(1))
+    return bool(_TOKENISH.match(value) or inline_password)
 
 
 def test_no_secret_values_inline(rendered: Rendered) -> None:
@@ -615,11 +675,18 @@ def test_no_secret_values_inline(rendered: Rendered) -> None:
         for c in _containers(w):
             for arg in c.get("args", []) + c.get("command", []):
                 assert not _looks_secret(str(arg)), f"{where}/{c['name']}: {arg}"
+            from_secrets = set()
             for env in c.get("env", []):
                 if "value" in env:
                     assert not _looks_secret(str(env["value"])), f"{where}/{c['name']}: {env}"
+                    password = _URL_PASSWORD.search(str(env["value"]))
+                    if password is not None:  # a $(VAR) defined before, from a Secret
+                        ref = _VAR_REF.fullmatch(password.group(1))
+                        assert ref and ref.group(1) in from_secrets, f"{where}: {env}"
                 if _SECRET_NAME.search(env["name"]):
                     assert "secretKeyRef" in env.get("valueFrom", {}), f"{where}: {env}"
+                if "secretKeyRef" in env.get("valueFrom", {}):
+                    from_secrets.add(env["name"])
 
 
 def test_tokens_come_from_the_auth_secret(rendered: Rendered) -> None:
@@ -745,13 +812,15 @@ def test_server_ingress_only_on_its_ports(rendered: Rendered) -> None:
 def test_redis_persists_the_log_and_the_weights(rendered: Rendered) -> None:
     if rendered.variant.external_redis:
         config = _server_config(rendered)
-        assert "://" not in config["LENS_REDIS_URL"], "the Secret must supply the URL"
+        assert "LENS_REDIS_URL" not in config, "the Secret must supply the URL"
         server = _container(rendered.workload(SERVER), "lens-serve")
         refs = {e["name"]: e.get("valueFrom", {}) for e in server["env"]}
         assert refs["LENS_REDIS_URL"]["secretKeyRef"] == {
             "name": "lens-redis-external",
             "key": "url",
         }
+        # No reference is left to the in-cluster Redis' Secret, which need not exist then.
+        assert "REDIS_PASSWORD" not in refs
         return
     sts = rendered.workload(REDIS)
     assert sts["kind"] == "StatefulSet" and sts["spec"]["replicas"] == 1
@@ -762,25 +831,112 @@ def test_redis_persists_the_log_and_the_weights(rendered: Rendered) -> None:
     redis = _container(sts, "redis")
     mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
     assert mounts["/data"] == claim["metadata"]["name"]
-    assert redis["command"][:2] == ["redis-server", "/etc/redis/redis.conf"]
-    config_volume = {v["name"]: v for v in _pod_spec(sts)["volumes"]}[mounts["/etc/redis"]]
-    conf_map = rendered.get("ConfigMap", config_volume["configMap"]["name"])
-    conf = {
-        line.split(None, 1)[0]: line.split(None, 1)[1]
-        for line in conf_map["data"]["redis.conf"].splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    }
+    assert "exec redis-server /etc/redis/redis.conf" in _redis_script(redis)
+    conf = _conf_lines(_redis_conf(rendered, sts))
     assert conf["appendonly"] == "yes"
     assert conf["appendfsync"] == "everysec"
     assert conf["dir"] == "/data"
     assert conf["maxmemory-policy"] == "noeviction"
     # maxmemory (the file's, or a command-line override) leaves room under the memory limit.
-    args = redis["command"][2:]
+    args = redis.get("args", [])
     maxmemory = args[args.index("--maxmemory") + 1] if "--maxmemory" in args else conf["maxmemory"]
     data_bytes = _quantity(maxmemory.replace("gb", "Gi").replace("mb", "Mi"))
     limit = _quantity(redis["resources"]["limits"]["memory"])
     assert data_bytes * Decimal("1.25") <= limit, (maxmemory, limit)
-    assert _server_config(rendered)["LENS_REDIS_URL"] == "redis://lens-redis:6379/0"
+
+
+REDIS_PASSWORD_REF = {"name": "lens-redis-auth", "key": "password"}
+
+
+def _redis_script(redis: Obj) -> str:
+    command = redis["command"]
+    assert command[:2] == ["sh", "-c"], command
+    script: str = command[2]
+    return script
+
+
+def _redis_conf(rendered: Rendered, sts: Obj) -> str:
+    mounts = {m["mountPath"]: m["name"] for m in _container(sts, "redis")["volumeMounts"]}
+    config_volume = {v["name"]: v for v in _pod_spec(sts)["volumes"]}[mounts["/etc/redis"]]
+    conf: str = rendered.get("ConfigMap", config_volume["configMap"]["name"])["data"]["redis.conf"]
+    return conf
+
+
+def _conf_lines(conf: str) -> dict[str, str]:
+    return {
+        line.split(None, 1)[0]: line.split(None, 1)[1]
+        for line in conf.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+
+
+def test_redis_requires_the_secret_password(rendered: Rendered) -> None:
+    if rendered.variant.external_redis:
+        return
+    sts = rendered.workload(REDIS)
+    redis = _container(sts, "redis")
+    conf = _conf_lines(_redis_conf(rendered, sts))
+    assert conf["protected-mode"] == "yes"
+    assert "requirepass" not in conf, "the password comes from the Secret, never the ConfigMap"
+    env = {e["name"]: e for e in redis["env"]}
+    # redis-cli (the probes) reads REDISCLI_AUTH; the start command makes it requirepass.
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == REDIS_PASSWORD_REF
+    assert "requirepass $REDISCLI_AUTH" in _redis_script(redis)
+    for probe in ("startupProbe", "readinessProbe"):
+        assert "redis-cli" in " ".join(redis[probe]["exec"]["command"])
+    # The servers and the trainer reach it with the same Secret's password.
+    for labels, container, var in [
+        (SERVER, "lens-serve", "LENS_REDIS_URL"),
+        (TRAINER, "lens-trainer", "LENS_TRAINER_REDIS_URL"),
+    ]:
+        env = {e["name"]: e for e in _container(rendered.workload(labels), container)["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == REDIS_PASSWORD_REF
+        assert env[var]["value"] == "redis://:$(REDIS_PASSWORD)@lens-redis:6379/0"
+        names = list(env)
+        assert names.index("REDIS_PASSWORD") < names.index(var), "$(VAR) needs VAR first"
+
+
+def test_redis_start_command_sets_the_password(tmp_path: Path) -> None:
+    # The rendered start command (sh, a heredoc on stdin) run against a real redis-server: no
+    # client gets in without the password, and the password is on no command line.
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.fail("redis-server not found: apt-get install redis-server")
+    objects = _render(_tool("kubectl"), K8S / "overlays/cpu-dev")
+    rendered = Rendered(Variant("cpu-dev", "overlays/cpu-dev"), objects)
+    sts = rendered.workload(REDIS)
+    redis = _container(sts, "redis")
+    conf = _redis_conf(rendered, sts).replace("dir /data", f"dir {tmp_path}")
+    (tmp_path / "redis.conf").write_text(conf)
+    script = _redis_script(redis).replace("/etc/redis/redis.conf", str(tmp_path / "redis.conf"))
+    script = script.replace("exec redis-server", f"exec {redis_server}")
+    socket_path = tmp_path / "redis.sock"
+    # The pod's args (cpu-dev's --maxmemory), then a private unix socket instead of TCP 6379.
+    args = [*redis.get("args", []), "--port", "0", "--unixsocket", str(socket_path)]
+    password = "0123456789abcdef"  # hex, as the docs generate it
+    env = {"PATH": os.environ.get("PATH", ""), "REDISCLI_AUTH": password}
+    with (tmp_path / "log").open("wb") as log:
+        proc = subprocess.Popen(["sh", "-c", script, "redis-server", *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    redis_py = importlib.import_module("redis")
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert proc.poll() is None, (tmp_path / "log").read_text()
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        anonymous = redis_py.Redis(unix_socket_path=str(socket_path))
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            anonymous.ping()
+        anonymous.close()
+        client = redis_py.Redis(unix_socket_path=str(socket_path), password=password)
+        assert client.ping()
+        assert client.config_get("maxmemory") == {"maxmemory": str(2**30)}
+        client.close()
+        assert password.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 # --------------------------------------------------------------------------------------------------

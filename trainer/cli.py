@@ -69,7 +69,9 @@ _RETRY_ON = [RedisConnectionError, RedisTimeoutError]
 
 
 def _redis(url: str) -> Redis:
-    return Redis.from_url(
+    from lens_serve.store.redis_url import connect  # every URL form, Sentinel included
+
+    return connect(
         url,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=6),
         retry_on_error=_RETRY_ON,

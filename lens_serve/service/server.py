@@ -70,7 +70,10 @@ def redis_client(settings: Settings, url: str) -> Redis:
     """The server's Redis client, with its own timeouts: a stalled or restarted Redis fails a
     command within `redis_socket_timeout_s` instead of hanging it (bytes responses: the session
     store needs them)."""
-    return Redis.from_url(
+    # redis_url.connect reads every URL form (redis, rediss, unix, redis+sentinel) in one place.
+    from lens_serve.store.redis_url import connect
+
+    return connect(
         url,
         socket_timeout=settings.redis_socket_timeout_s,
         socket_connect_timeout=settings.redis_connect_timeout_s,
