@@ -65,7 +65,6 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def build_server(
 def redis_client(settings: Settings, url: str) -> Redis:
     """The server's Redis client, with its own timeouts: a stalled or restarted Redis fails a
     command within `redis_socket_timeout_s` instead of hanging it (bytes responses: the session
@@ -81,6 +80,7 @@ def redis_client(settings: Settings, url: str) -> Redis:
     )
 
 
+def build_server(
     settings: Settings,
     *,
     serve_servicer: lens_serve_pb2_grpc.LensServeServicer,
