@@ -55,11 +55,11 @@ class Settings(BaseSettings):
     """Lifetime tokens a session may hold."""
     session_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     """Sessions expire this long after their last append."""
+    idempotency_ttl_s: int = Field(24 * 3600, ge=1)
+    """How long an idempotency key's record is kept: a retry within it writes nothing twice."""
     tree_cache_bytes: int = Field(2 << 30, ge=0)
     """In-memory budget for cached session trees (least recently used are dropped)."""
     max_message_bytes: int = Field(16 << 20, ge=1024)
-    idempotency_ttl_s: int = Field(24 * 3600, ge=1)
-    """How long an idempotency key's record is kept: a retry within it writes nothing twice."""
     """Largest gRPC message accepted or sent."""
     drain_seconds: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight streams may finish before they are cancelled."""

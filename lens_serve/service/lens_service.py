@@ -235,9 +235,9 @@ class LensService:
                     yield GenerateEvent(request_id, chunk.text, chunk.token_ids)
                     continue
                 if sid and completion:
+                    once = self._once(key, "answer", chunk.finish_reason)
                     async with self._lock(sid):
                         await self.sessions.append(sid, owner, completion, once)
-                    once = self._once(key, "answer", chunk.finish_reason)
                     if self.settings.prewarm_next_turn:
                         self._prewarmer.schedule(
                             self._next_turn_rows(owner, sid, prepared, prompt, completion, chooser)
@@ -275,11 +275,11 @@ class LensService:
         chooser: ContextChooser,
         seed: int,
         query: ContextQuery,
+        key: str,
     ) -> _Prepared:
         """Check, append the prompt to the session (once per idempotency `key`), and choose its
         working context."""
         async with self._lock(sid):
-        key: str,
             info = await self.sessions.get(sid, owner)
             lifetime = info.lifetime_tokens + len(prompt)
             self._validate.feasible(lifetime, budget, policy)
@@ -296,9 +296,6 @@ class LensService:
                 entry.focus = prepared.choice.focus  # the session's next turn continues from here
             return prepared
 
-    def _maybe_shadow(
-        self,
-        request_id: str,
     def _once(self, key: str, part: str, finish_reason: str = "") -> Once | None:
         return Once(key, part, self.settings.idempotency_ttl_s, finish_reason) if key else None
 
@@ -351,6 +348,9 @@ class LensService:
             wc = refit.tiling.to_working_context("lens", chooser.lens_version)
             return await asyncio.to_thread(assemble, entry.tree, wc)
 
+    def _maybe_shadow(
+        self,
+        request_id: str,
         sid: str,
         policy: str,
         prepared: _Prepared,
