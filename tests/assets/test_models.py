@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from lens_serve.assets.model_dirs import (
     resolve_model,
     verify_model,
 )
+from lens_serve.assets.recipe_common import progress
 from lens_serve.tools import cli
 from tests.fixtures_models import REPO_ROOT, shared_models_dir
 
@@ -549,3 +552,12 @@ def test_python_m_lens_serve_runs_the_cli_when_invoked(tmp_path: Path) -> None:
 def test_fixture_models_dir_is_shared(tiny_model_dir: Path) -> None:
     assert tiny_model_dir == shared_models_dir() / "tiny"
     assert (tiny_model_dir / MANIFEST_NAME).is_file()
+
+
+def test_a_long_preparation_step_reports_that_it_is_alive(caplog: pytest.LogCaptureFixture) -> None:
+    logger = "lens_serve.assets.recipe_common"
+    with caplog.at_level(logging.INFO, logger=logger), progress("converting", every_s=0.05):
+        time.sleep(0.3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "converting ..." and messages[-1].startswith("converting: done in ")
+    assert sum("still running after" in m for m in messages) >= 2
