@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Generator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -56,11 +56,18 @@ def _append_requests(
     token_ids: Sequence[int] | None,
     chunk_chars: int,
     chunk_tokens: int,
+    idempotency_key: str = "",
 ) -> Iterator[pb.AppendRequest]:
-    """The Append stream: the session id on the first chunk only, then text or id chunks.
-    Arguments are checked before the first chunk is produced (see `_check_append`)."""
+    """The Append stream: the session id (and idempotency key) on the first chunk only, then text
+    or id chunks. Arguments are checked before the first chunk is produced (`_check_append`)."""
     _check_append(text, token_ids, chunk_chars, chunk_tokens)
-    return _append_chunks(session_id, text, token_ids, chunk_chars, chunk_tokens)
+    return _append_chunks(
+        pb.AppendRequest(session_id=session_id, idempotency_key=idempotency_key),
+        text,
+        token_ids,
+        chunk_chars,
+        chunk_tokens,
+    )
 
 
 def _check_append(
@@ -75,27 +82,27 @@ def _check_append(
 
 
 def _append_chunks(
-    session_id: str,
+    head: pb.AppendRequest,
     text: str | None,
     token_ids: Sequence[int] | None,
     chunk_chars: int,
     chunk_tokens: int,
 ) -> Iterator[pb.AppendRequest]:
-    first = True
+    """`head`'s fields (session id, key) go on the first chunk only."""
     if text is not None:
         for start in range(0, max(len(text), 1), chunk_chars):
-            yield pb.AppendRequest(
-                session_id=session_id if first else "", text=text[start : start + chunk_chars]
-            )
-            first = False
+            chunk = pb.AppendRequest(text=text[start : start + chunk_chars])
+            if start == 0:
+                chunk.MergeFrom(head)
+            yield chunk
     else:
         assert token_ids is not None
         ids = list(token_ids)
         for start in range(0, max(len(ids), 1), chunk_tokens):
-            yield pb.AppendRequest(
-                session_id=session_id if first else "", token_ids=ids[start : start + chunk_tokens]
-            )
-            first = False
+            chunk = pb.AppendRequest(token_ids=ids[start : start + chunk_tokens])
+            if start == 0:
+                chunk.MergeFrom(head)
+            yield chunk
 
 
 def _generate_request(
@@ -110,15 +117,33 @@ def _generate_request(
     wc_budget: int,
     policy: str | int,
     chat: bool,
+    messages: Sequence[Mapping[str, str]],
+    top_k: int,
+    presence_penalty: float,
+    frequency_penalty: float,
+    repetition_penalty: float,
+    logprobs: int | None,
+    idempotency_key: str,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         session_id=session_id or "",
+        idempotency_key=idempotency_key,
         sampling=pb.SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=list(stop)
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+            top_k=top_k,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
         ),
         wc_budget=wc_budget,
         policy=policy_value(policy),
         chat=chat,
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
     )
     if isinstance(prompt, str):
         request.prompt = prompt
@@ -245,15 +270,19 @@ class LensClient:
         *,
         chunk_chars: int = DEFAULT_CHUNK_CHARS,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        idempotency_key: str = "",
     ) -> pb.AppendResponse:
-        """Appends `text` or `token_ids` (exactly one) to a session, streamed in chunks."""
+        """Appends `text` or `token_ids` (exactly one) to a session, streamed in chunks. With
+        `idempotency_key`, retrying after UNAVAILABLE or DEADLINE_EXCEEDED appends once."""
         # Checked here, so argument errors raise in the caller, not in gRPC's request consumer.
-        requests = _append_requests(session_id, text, token_ids, chunk_chars, chunk_tokens)
+        requests = _append_requests(
+            session_id, text, token_ids, chunk_chars, chunk_tokens, idempotency_key
+        )
         return await self._stub.Append(requests, metadata=self._metadata)
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] = "",
         *,
         session_id: str | None = None,
         max_tokens: int = 0,
@@ -264,11 +293,20 @@ class LensClient:
         wc_budget: int = 0,
         policy: str | int = "lens",
         chat: bool = False,
+        messages: Sequence[Mapping[str, str]] = (),
+        top_k: int = 0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 0.0,
+        logprobs: int | None = None,
+        idempotency_key: str = "",
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Streams a completion of `prompt` (text, or token ids): `async for chunk in
+        """Streams a completion of `prompt` (text, or token ids) or of a chat, `messages` (dicts
+        with "role" and "content", rendered with the model's chat template): `async for chunk in
         client.generate(...)`. Zeros mean server defaults; the last chunk carries finish_reason and
-        usage. Argument errors raise at the call; `aclose()` (or dropping the generator) cancels the
-        RPC."""
+        usage. `logprobs=N` adds each token's log-probability and the N most likely ones' to the
+        chunks. Argument errors raise at the call; `aclose()` (or dropping the generator) cancels
+        the RPC."""
         request = _generate_request(
             prompt,
             session_id=session_id,
@@ -280,6 +318,13 @@ class LensClient:
             wc_budget=wc_budget,
             policy=policy,
             chat=chat,
+            messages=messages,
+            top_k=top_k,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
+            idempotency_key=idempotency_key,
         )
         return self._stream(request)
 
@@ -413,14 +458,18 @@ class SyncLensClient:
         *,
         chunk_chars: int = DEFAULT_CHUNK_CHARS,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        idempotency_key: str = "",
     ) -> pb.AppendResponse:
-        """Appends `text` or `token_ids` (exactly one) to a session, streamed in chunks."""
-        requests = _append_requests(session_id, text, token_ids, chunk_chars, chunk_tokens)
+        """Appends `text` or `token_ids` (exactly one) to a session, streamed in chunks. With
+        `idempotency_key`, retrying after UNAVAILABLE or DEADLINE_EXCEEDED appends once."""
+        requests = _append_requests(
+            session_id, text, token_ids, chunk_chars, chunk_tokens, idempotency_key
+        )
         return self._stub.Append(requests, metadata=self._metadata)
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] = "",
         *,
         session_id: str | None = None,
         max_tokens: int = 0,
@@ -431,6 +480,13 @@ class SyncLensClient:
         wc_budget: int = 0,
         policy: str | int = "lens",
         chat: bool = False,
+        messages: Sequence[Mapping[str, str]] = (),
+        top_k: int = 0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 0.0,
+        logprobs: int | None = None,
+        idempotency_key: str = "",
     ) -> Generator[pb.GenerateResponse, None, None]:
         """Streams a completion (see `LensClient.generate`). Argument errors raise at the call;
         `close()` (or dropping the generator) cancels the call."""
@@ -445,6 +501,13 @@ class SyncLensClient:
             wc_budget=wc_budget,
             policy=policy,
             chat=chat,
+            messages=messages,
+            top_k=top_k,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=logprobs,
+            idempotency_key=idempotency_key,
         )
         return self._stream(request)
 

@@ -9,18 +9,30 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 import torch
 
 from lens_serve.core.embedding import EmbeddingTable
-from lens_serve.engine.protocol import EngineStats, GenerationChunk, GenerationParams
+from lens_serve.engine.protocol import (
+    EngineStats,
+    GenerationChunk,
+    GenerationParams,
+    Logprob,
+    TokenLogprobs,
+)
+
+FAKE_LOGPROB = -0.5
+"""The fake's log-probability of its token 7; the next most likely tokens are 8, 9, ... with one
+nat less each."""
 
 
 class FakeEngine:
     """Bytes-as-tokens tokenizer; generation streams `max_tokens` copies of token 7 (or waits on
-    `gate` between tokens when a test needs a stream held open)."""
+    `gate` between tokens when a test needs a stream held open). `params` records what each
+    generate was asked with."""
 
     def __init__(self, table: EmbeddingTable, max_model_len: int = 4096) -> None:
         self.table = table
         self._max_model_len = max_model_len
         self.gate: asyncio.Event | None = None
         self.prompts: list[torch.Tensor] = []
+        self.params: list[GenerationParams] = []
         self.aborted: list[str] = []
 
     @property
@@ -48,7 +60,12 @@ class FakeEngine:
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
     ) -> list[int]:
-        return [0, *self.encode(messages[-1]["content"]), 1]
+        """Each message as 0, its role and ": " (none for "user"), its content, 1."""
+        ids = []
+        for message in messages:
+            role = "" if message["role"] == "user" else f"{message['role']}: "
+            ids += [0, *self.encode(role + message["content"]), 1]
+        return ids
 
     def embed(self, token_ids: Sequence[int]) -> torch.Tensor:
         return self.table(torch.tensor(list(token_ids)))
@@ -61,14 +78,20 @@ class FakeEngine:
         priority: int = 0,
     ) -> AsyncIterator[GenerationChunk]:
         self.prompts.append(prompt_embeds)
+        self.params.append(params)
         rows = int(prompt_embeds.shape[0])
+        logprobs = None
+        if params.logprobs is not None:
+            top = [Logprob(7 + k, self.decode([7 + k]), FAKE_LOGPROB - k) for k in range(20)]
+            logprobs = [TokenLogprobs(top[0], top[: params.logprobs])]
         try:
             for i in range(params.max_tokens):
                 if self.gate is not None:
                     await self.gate.wait()
                 await asyncio.sleep(0)
                 last = i == params.max_tokens - 1
-                yield GenerationChunk([7], "\x04", "length" if last else None, None, rows, 0)
+                finish = "length" if last else None
+                yield GenerationChunk([7], "\x04", finish, None, rows, 0, logprobs)
         except (asyncio.CancelledError, GeneratorExit):
             self.aborted.append(request_id)
             raise

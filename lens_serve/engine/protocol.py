@@ -34,6 +34,11 @@ class PromptLogprobsMissing(EngineError):
     no target ids and silently returns `[None]`. Raised instead of returning garbage."""
 
 
+MAX_LOGPROBS = 20
+"""Most top log-probabilities per generated token a request may ask for (vLLM's default
+`max_logprobs`, and OpenAI's limit on top_logprobs)."""
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling settings of one generate request. temperature 0 is greedy."""
@@ -44,6 +49,33 @@ class GenerationParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
+    top_k: int = 0
+    """0: all tokens."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    """1: none. It counts generated tokens only (prompt rows are embeddings, not token ids)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; N: each generated token's and the N most likely ones'."""
+
+
+@dataclass(frozen=True)
+class Logprob:
+    token_id: int
+    token: str
+    """The token's text."""
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The log-probabilities at one generated position (under the model alone, before penalties
+    and sampling settings)."""
+
+    token: Logprob
+    """The generated token."""
+    top_logprobs: list[Logprob]
+    """The `GenerationParams.logprobs` most likely tokens, most likely first."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +94,8 @@ class GenerationChunk:
     """Rows in the prompt (positions 0..prompt_rows-1)."""
     cached_rows: int
     """Prompt rows vLLM served from its prefix cache (0 until it reports them)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """With `GenerationParams.logprobs`: one entry per token in `token_ids`."""
 
 
 @dataclass(frozen=True)

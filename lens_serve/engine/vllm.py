@@ -27,12 +27,15 @@ import torch
 
 from lens_serve.engine.config import EngineConfig
 from lens_serve.engine.protocol import (
+    MAX_LOGPROBS,
     EngineDeadError,
     EngineError,
     EngineStats,
     GenerationChunk,
     GenerationParams,
+    Logprob,
     PromptLogprobsMissing,
+    TokenLogprobs,
 )
 from lens_serve.errors import InvalidRequest, Overloaded
 
@@ -178,6 +181,34 @@ def continuation_logprobs(
             raise EngineError(f"prompt logprob {i} is {value}")
         out.append(value)
     return out
+
+
+def sample_logprobs(
+    token_ids: Sequence[int], entries: Sequence[Mapping[int, Any]] | None, top: int
+) -> list[TokenLogprobs]:
+    """Each generated token's log-probability and the `top` most likely tokens at its position, out
+    of `CompletionOutput.logprobs` (requested with logprobs=top): per token, a dict from token id
+    to vLLM `Logprob` (logprob, rank, decoded_token) holding the top-ranked tokens and the token
+    generated."""
+    if not token_ids:  # an abort's last chunk
+        return []
+    if entries is None or len(entries) != len(token_ids):
+        got = None if entries is None else len(entries)
+        raise EngineError(f"vLLM returned {got} logprob entries for {len(token_ids)} tokens")
+    out = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        if token_id not in entry:
+            raise EngineError(f"logprobs for token(s) {sorted(entry)}, expected {token_id}")
+        ranked = sorted(
+            (lp.rank, token) for token, lp in entry.items() if 0 < (lp.rank or 0) <= top
+        )
+        top_logprobs = [_logprob(token, entry[token]) for _, token in ranked]
+        out.append(TokenLogprobs(_logprob(token_id, entry[token_id]), top_logprobs))
+    return out
+
+
+def _logprob(token_id: int, value: Any) -> Logprob:
+    return Logprob(int(token_id), value.decoded_token or "", float(value.logprob))
 
 
 class _AbsentError(Exception):
@@ -575,28 +606,50 @@ class VllmEngine:
             max_tokens=params.max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
+            top_k=params.top_k,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
+            logprobs=params.logprobs,
             seed=params.seed,
             stop=list(params.stop) or None,
             stop_token_ids=list(params.stop_token_ids) or None,
             output_kind=RequestOutputKind.DELTA,
         )
         n_rows = int(rows.shape[0])
+        prompt: dict[str, Any] = {"prompt_embeds": rows}
+        if params.repetition_penalty != 1.0:
+            # vLLM's repetition penalty counts the prompt's token ids too, and a prompt of pure
+            # embeddings gives it none: it reads whatever ids an earlier request left in the batch
+            # slot, so the answer changes with the requests before it. A mixed prompt whose rows
+            # all come from the embeddings gives it placeholder ids instead (only the placeholder
+            # token is penalized for the prompt), with the same prefix-cache hash: vLLM hashes
+            # zeros for the ids of embedding rows either way.
+            prompt["prompt_token_ids"] = [PLACEHOLDER_TOKEN_ID] * n_rows
+            prompt["prompt_is_token_ids"] = [False] * n_rows
         self._streams[request_id] += 1
         self._no_streams.clear()
         try:
             with _translate_vllm_errors(request_id):
                 async with aclosing(
-                    llm.generate({"prompt_embeds": rows}, sampling, request_id, priority=priority)
+                    llm.generate(prompt, sampling, request_id, priority=priority)
                 ) as stream:
                     async for out in stream:
                         completion = out.outputs[0]
+                        token_ids = list(completion.token_ids)
+                        logprobs = None
+                        if params.logprobs is not None:
+                            logprobs = sample_logprobs(
+                                token_ids, completion.logprobs, params.logprobs
+                            )
                         yield GenerationChunk(
-                            token_ids=list(completion.token_ids),
+                            token_ids=token_ids,
                             text=completion.text,
                             finish_reason=completion.finish_reason,
                             stop_reason=completion.stop_reason,
                             prompt_rows=n_rows,
                             cached_rows=int(out.num_cached_tokens or 0),
+                            logprobs=logprobs,
                         )
         finally:
             self._streams[request_id] -= 1
@@ -797,4 +850,16 @@ class VllmEngine:
             raise InvalidRequest("params.top_p", "must be in (0, 1]")
         if isinstance(p.stop, str) or any(not isinstance(s, str) or not s for s in p.stop):
             raise InvalidRequest("params.stop", "must be a list of non-empty strings")
+        if p.top_k < 0:
+            raise InvalidRequest("params.top_k", "must be >= 0 (0: all tokens)")
+        for name, penalty in (
+            ("presence_penalty", p.presence_penalty),
+            ("frequency_penalty", p.frequency_penalty),
+        ):
+            if not (math.isfinite(penalty) and -2 <= penalty <= 2):
+                raise InvalidRequest(f"params.{name}", "must be in [-2, 2]")
+        if not (math.isfinite(p.repetition_penalty) and p.repetition_penalty > 0):
+            raise InvalidRequest("params.repetition_penalty", "must be finite and > 0")
+        if p.logprobs is not None and not 0 <= p.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest("params.logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         self._check_token_ids(p.stop_token_ids, "params.stop_token_ids", allow_empty=True)

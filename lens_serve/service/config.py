@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     """Redis for sessions, preferences and weights; empty starts a private redis-server."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Prometheus /metrics port; 0 disables the endpoint."""
+    http_port: int = Field(0, ge=0, le=65535)
+    """OpenAI-compatible HTTP port (/v1/models, /v1/completions, /v1/chat/completions) on `host`,
+    beside gRPC, with the same tokens, limits and TLS; 0 disables it."""
 
     wc_budget: int = Field(1024, ge=2)
     """Default working-context budget in rows (requests may ask for another)."""

@@ -9,7 +9,6 @@ import asyncio
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -23,21 +22,14 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
-import redis.exceptions
 
 from lens_serve import metrics
-from lens_serve.errors import MAX_MESSAGE_CHARS, InvalidRequest, LensError, shorten
+from lens_serve.errors import InvalidRequest
 from lens_serve.service import auth
 from lens_serve.service.config import Settings
+from lens_serve.service.statuses import failure_of
 
 logger = logging.getLogger(__name__)
-
-# Infrastructure failures a client should retry, mapped here rather than wrapped at every call site.
-_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,  # also BusyLoadingError (Redis replaying its AOF)
-    redis.exceptions.TimeoutError,
-)
-_UNAVAILABLE_MESSAGE = "storage (redis) is unavailable; retry later"
 
 # Exceptions that must propagate untouched: an abort already carries its status, and cancellation
 # (client went away, server stopping) must reach asyncio. GeneratorExit closes a stream wrapper.
@@ -63,12 +55,8 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler (all four arities) so that, in the RPC's own task, the caller is
     authorized (`auth.current_owner()` works in the handler), the call is timed
     (`lens_rpc_latency_seconds`), and errors become statuses (counted in `lens_rpc_errors_total`):
-
-    - `LensError` -> its `status`, with its message;
-    - redis connection/timeout errors -> UNAVAILABLE;
-    - `NotImplementedError` -> UNIMPLEMENTED;
-    - `grpc.aio.AbortError`, `asyncio.CancelledError` -> re-raised as they are;
-    - anything else -> logged with the method name, INTERNAL with a generic message and an error id.
+    `grpc.aio.AbortError` and `asyncio.CancelledError` are re-raised as they are, every other error
+    gets the status `statuses.failure_of` gives it (the map the HTTP endpoint shares).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -238,32 +226,11 @@ async def _abort(
     context: grpc.aio.ServicerContext[Any, Any],
     outcome: _Outcome,
 ) -> NoReturn:
-    """The error -> status mapping: aborts the call (raises grpc.aio.AbortError)."""
-    if isinstance(exc, LensError):
-        code = getattr(grpc.StatusCode, exc.status, None)
-        if not isinstance(code, grpc.StatusCode):
-            logger.error("%s: %s has unknown status %r", method, type(exc).__name__, exc.status)
-            code = grpc.StatusCode.INTERNAL
-        if code is grpc.StatusCode.INTERNAL:
-            logger.exception("%s failed", method)  # our bug, not the client's: keep the traceback
-        else:
-            logger.debug("%s: %s %s", method, code.name, exc)
-        # Messages quote client values (ids, names); those raised below the service are not cut
-        # where they are made, so every message is cut here too.
-        details = shorten(str(exc), MAX_MESSAGE_CHARS)
-    elif isinstance(exc, _UNAVAILABLE_ERRORS):
-        logger.warning("%s: redis unavailable: %s", method, exc)
-        code, details = grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE_MESSAGE
-    elif isinstance(exc, NotImplementedError):
-        code, details = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
-    else:
-        # The id ties the client's report to the log line without exposing internals; 8 hex
-        # digits are plenty to find one line among a day's errors.
-        error_id = uuid.uuid4().hex[:8]
-        logger.exception("%s: unhandled error (error id %s)", method, error_id)
-        code, details = grpc.StatusCode.INTERNAL, f"internal error (error id {error_id})"
+    """Aborts the call (raises grpc.aio.AbortError) with the status the one error map gives."""
+    failure = failure_of(exc, method, logger)
+    code = grpc.StatusCode[failure.status]
     outcome.code = code
-    await context.abort(code, details)
+    await context.abort(code, failure.message)
 
 
 def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:

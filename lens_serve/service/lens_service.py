@@ -232,7 +232,9 @@ class LensService:
                 completion += chunk.token_ids
                 cached_rows = max(cached_rows, chunk.cached_rows)
                 if chunk.finish_reason is None:
-                    yield GenerateEvent(request_id, chunk.text, chunk.token_ids)
+                    yield GenerateEvent(
+                        request_id, chunk.text, chunk.token_ids, logprobs=chunk.logprobs
+                    )
                     continue
                 if sid and completion:
                     once = self._once(key, "answer", chunk.finish_reason)
@@ -260,8 +262,9 @@ class LensService:
                     query_tokens=prepared.view.query_tokens,
                 )
                 yield GenerateEvent(
-                    request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage
-                )
+                    request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage,
+                    chunk.logprobs, prepared.view,
+                )  # fmt: skip
 
     async def _prepare_turn(
         self,

@@ -6,15 +6,31 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lens_serve.core.context import WorkingContext
+from lens_serve.engine.protocol import TokenLogprobs
 
 
 @dataclass(frozen=True)
 class Sampling:
+    """Zeros mean the server's defaults (no penalty, all tokens, top_p 1, repetition_penalty 1)."""
+
     max_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 0.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    top_k: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 0.0
+    logprobs: int | None = None
+    """None: no log-probabilities; N: each generated token's and the N most likely ones'."""
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    """"system", "user" or "assistant"."""
+    content: str
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,11 @@ class GenerateInput:
     wc_budget: int = 0
     policy: str = ""
     chat: bool = False
+    idempotency_key: str = ""
+    """With a session: a retry with the same key neither appends the prompt twice nor answers
+    twice (a completed turn is replayed from the session)."""
+    messages: tuple[ChatMessage, ...] = ()
+    """A chat, the prompt once rendered with the model's chat template (instead of `prompt`)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +102,9 @@ class Usage:
     gistnet_version: str
     query_source: str
     query_tokens: int
+    replayed: bool = False
+    """An earlier request with this idempotency key completed the turn: this is its stored
+    answer (nothing was generated or appended; the WC fields are zero)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,10 @@ class GenerateEvent:
     token_ids: list[int]
     finish_reason: str = ""
     usage: Usage | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    """With `Sampling.logprobs`: one entry per token in `token_ids`."""
+    view: ContextView | None = None
+    """On the last event: the working context the answer was generated from (None on a replay)."""
 
 
 @dataclass(frozen=True)

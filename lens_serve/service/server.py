@@ -34,6 +34,7 @@ from lens_serve.v1 import lens_serve_pb2, lens_serve_pb2_grpc
 
 if TYPE_CHECKING:
     from lens_serve.engine.protocol import Engine
+    from lens_serve.service.servicer import LensServeServicer
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,12 @@ async def _run(
             admin_proxy.bind(admin_servicer)
             for name in (OVERALL_HEALTH, LENS_SERVE_SERVICE):
                 await health_servicer.set(name, _SERVING)
+            if settings.http_port:  # the OpenAI-compatible endpoint, on the same service
+                from lens_serve.http.server import serve_http
+
+                service = cast("LensServeServicer", serve_servicer).service
+                http = await serve_http(service, stop)  # drains once `stop` is set, as gRPC
+                domain.push_async_callback(_step, "HTTP server stopped", http.stop)
             sys.stdout.write(f"listening on {_address(settings.host, port)}\n")
             sys.stdout.flush()
             watcher = asyncio.create_task(

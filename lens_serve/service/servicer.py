@@ -13,11 +13,18 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lens_serve.engine.protocol import Logprob, TokenLogprobs
 from lens_serve.errors import InvalidRequest
 from lens_serve.policy_names import POLICY_NAMES, POLICY_VALUES
 from lens_serve.service.auth import current_owner
 from lens_serve.service.lens_service import LensService
-from lens_serve.service.requests import ContextView, GenerateInput, Sampling, ScoreInput
+from lens_serve.service.requests import (
+    ChatMessage,
+    ContextView,
+    GenerateInput,
+    Sampling,
+    ScoreInput,
+)
 from lens_serve.v1 import lens_serve_pb2 as pb
 from lens_serve.v1 import lens_serve_pb2_grpc as pb_grpc
 
@@ -62,9 +69,28 @@ def working_context_proto(view: ContextView) -> pb.WorkingContext:
     )
 
 
+def _logprob_proto(logprob: Logprob) -> pb.Logprob:
+    return pb.Logprob(token_id=logprob.token_id, token=logprob.token, logprob=logprob.logprob)
+
+
+def logprobs_proto(logprobs: list[TokenLogprobs]) -> list[pb.TokenLogprobs]:
+    return [
+        pb.TokenLogprobs(
+            token=_logprob_proto(position.token),
+            top_logprobs=[_logprob_proto(top) for top in position.top_logprobs],
+        )
+        for position in logprobs
+    ]
+
+
 class LensServeServicer(pb_grpc.LensServeServicer):
     def __init__(self, service: LensService) -> None:
         self._service = service
+
+    @property
+    def service(self) -> LensService:
+        """The domain service behind these RPCs (the HTTP endpoint serves the same one)."""
+        return self._service
 
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:
         info = await self._service.create_session(current_owner())
@@ -102,13 +128,17 @@ class LensServeServicer(pb_grpc.LensServeServicer):
             while chunk is not None:
                 if chunk.session_id and chunk.session_id != session_id:
                     raise InvalidRequest("session_id", "must be the same on every chunk")
+                if chunk is not first and chunk.idempotency_key:
+                    raise InvalidRequest("idempotency_key", "goes on the first chunk only")
                 if chunk.text and chunk.token_ids:
                     raise InvalidRequest("text", "a chunk carries text or token_ids, not both")
                 yield chunk.token_ids if chunk.token_ids else chunk.text
                 chunk = await anext(request_iterator, None)
 
         async with aclosing(parts()) as stream:
-            lifetime, appended = await self._service.append(current_owner(), session_id, stream)
+            lifetime, appended = await self._service.append(
+                current_owner(), session_id, stream, first.idempotency_key
+            )
         return pb.AppendResponse(
             session_id=session_id, lifetime_tokens=lifetime, appended_tokens=appended
         )
@@ -127,10 +157,17 @@ class LensServeServicer(pb_grpc.LensServeServicer):
                 top_p=sampling.top_p,
                 seed=sampling.seed,
                 stop=tuple(sampling.stop),
+                top_k=sampling.top_k,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                repetition_penalty=sampling.repetition_penalty,
+                logprobs=sampling.logprobs if sampling.HasField("logprobs") else None,
             ),
             wc_budget=request.wc_budget,
             policy=policy_name(request.policy),
             chat=request.chat,
+            idempotency_key=request.idempotency_key,
+            messages=tuple(ChatMessage(m.role, m.content) for m in request.messages),
         )
         async for event in self._service.generate(current_owner(), generate_input):
             response = pb.GenerateResponse(
@@ -138,6 +175,7 @@ class LensServeServicer(pb_grpc.LensServeServicer):
                 token_ids=event.token_ids,
                 finish_reason=event.finish_reason,
                 request_id=event.request_id,
+                logprobs=logprobs_proto(event.logprobs or []),
             )
             if event.usage is not None:
                 u = event.usage
@@ -155,6 +193,7 @@ class LensServeServicer(pb_grpc.LensServeServicer):
                         gistnet_version=u.gistnet_version,
                         query_source=u.query_source,
                         query_tokens=u.query_tokens,
+                        replayed=u.replayed,
                     )
                 )
             yield response

@@ -5,24 +5,33 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from array import array
 from collections.abc import Callable, Sequence
 
 from lens_serve.core.context import validate_budget
 from lens_serve.core.policies import POLICIES, check_feasible
-from lens_serve.engine.protocol import Engine, GenerationParams
+from lens_serve.engine.protocol import MAX_LOGPROBS, Engine, GenerationParams
 from lens_serve.errors import InvalidRequest, LimitExceeded, echo
 from lens_serve.service.config import Settings
-from lens_serve.service.requests import ContextQuery, GenerateInput, Sampling
+from lens_serve.service.requests import ChatMessage, ContextQuery, GenerateInput, Sampling
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256
 MAX_TEMPERATURE = 10.0
+MAX_PENALTY = 2.0  # presence and frequency penalties: OpenAI's range
+# At 2 a repetition penalty already halves every repeated token's logit: a larger value is more
+# likely a typo (12 for 1.2) than a wish.
+MAX_REPETITION_PENALTY = 2.0
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 1024  # a chat's messages are rendered in one template call
 DEFAULT_POLICY = "lens"
 # Session ids are 32 hex characters (uuid4). A longer value is no id at all (say, a document pasted
 # into the wrong field): INVALID_ARGUMENT tells the client which field to fix, where NOT_FOUND
 # would tell it to create a session and re-append (docs/design.md §7). Shorter wrong ids stay
 # NOT_FOUND: a typo or an expired id is an unknown session. 64 leaves room for a longer id format.
 MAX_SESSION_ID_CHARS = 64
+MAX_IDEMPOTENCY_KEY_CHARS = 128  # room for a UUID or a client's request id with a prefix
+_KEY_CHARS = re.compile(r"[A-Za-z0-9._:-]+")
 
 
 class RequestValidator:
@@ -88,15 +97,45 @@ class RequestValidator:
                 "sampling.stop",
                 f"at most {MAX_STOP_STRINGS} non-empty strings of <= {MAX_STOP_CHARS} chars",
             )
+        if sampling.top_k < 0:
+            raise InvalidRequest("sampling.top_k", "must be >= 0 (0: all tokens)")
+        for name, penalty in (
+            ("presence_penalty", sampling.presence_penalty),
+            ("frequency_penalty", sampling.frequency_penalty),
+        ):
+            if not (math.isfinite(penalty) and -MAX_PENALTY <= penalty <= MAX_PENALTY):
+                raise InvalidRequest(
+                    f"sampling.{name}", f"must be in [-{MAX_PENALTY}, {MAX_PENALTY}]"
+                )
+        repetition_penalty = sampling.repetition_penalty or 1.0
+        if not (
+            math.isfinite(repetition_penalty) and 0 < repetition_penalty <= MAX_REPETITION_PENALTY
+        ):
+            raise InvalidRequest(
+                "sampling.repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY}]"
+            )
+        if sampling.logprobs is not None and not 0 <= sampling.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         return GenerationParams(
             max_tokens=max_tokens,
             temperature=sampling.temperature,
             top_p=top_p,
             seed=sampling.seed or None,
             stop=sampling.stop,
+            top_k=sampling.top_k,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=repetition_penalty,
+            logprobs=sampling.logprobs,
         )
 
     def prompt_ids(self, request: GenerateInput) -> list[int]:
+        if request.messages:
+            if request.prompt or request.prompt_token_ids:
+                raise InvalidRequest(
+                    "messages", "give one of prompt, prompt_token_ids and messages, not two"
+                )
+            return self._chat_template(self.messages(request.messages))
         if request.prompt and request.prompt_token_ids:
             raise InvalidRequest("prompt", "give prompt or prompt_token_ids, not both")
         if request.prompt_token_ids:
@@ -109,6 +148,30 @@ class RequestValidator:
             return self._engine.apply_chat_template([{"role": "user", "content": request.prompt}])
         return self.encode(request.prompt)
 
+    @staticmethod
+    def messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+        """A chat's messages as the chat template takes them."""
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidRequest(
+                "messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}"
+            )
+        for i, message in enumerate(messages):
+            if message.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"messages[{i}].role", f"must be one of {CHAT_ROLES}, got {echo(message.role)}"
+                )
+        return [{"role": m.role, "content": m.content} for m in messages]
+
+    def _chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self._engine.apply_chat_template(messages)
+        except Exception as exc:
+            # The template is the model's code: what it raises for a chat (its raise_exception on
+            # an order of roles it does not take, say) is about these messages.
+            raise InvalidRequest(
+                "messages", f"the model's chat template refused them: {exc}"
+            ) from exc
+
     def query(self, text: str, ids: Sequence[int]) -> ContextQuery:
         """The request's `query` / `query_token_ids`, or the newest tokens when it gives none."""
         token_ids = self.text_or_ids(text, ids, "query")
@@ -116,7 +179,11 @@ class RequestValidator:
 
     def prompt_query(self, request: GenerateInput, prompt: list[int]) -> ContextQuery:
         """A new prompt is what the request asks: with chat, the user's message alone (the
-        template's tokens would match every earlier turn)."""
+        template's tokens would match every earlier turn); with messages, the last user message
+        (the whole prompt if none is)."""
+        if request.messages:
+            asked = [m.content for m in request.messages if m.role == "user" and m.content]
+            return ContextQuery(self.encode(asked[-1]) if asked else prompt, "prompt")
         return ContextQuery(self.encode(request.prompt) if request.chat else prompt, "prompt")
 
     def text_or_ids(self, text: str, ids: Sequence[int], field_name: str) -> list[int]:
@@ -148,6 +215,17 @@ class RequestValidator:
                 f"{echo(session_id)} is no session id (at most {MAX_SESSION_ID_CHARS} characters)",
             )
         return session_id
+
+    @staticmethod
+    def idempotency_key(key: str) -> str:
+        """ "" (none) or a client's key: it names a Redis key, so it is short and plain."""
+        if key and (len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not _KEY_CHARS.fullmatch(key)):
+            raise InvalidRequest(
+                "idempotency_key",
+                f"{echo(key)}: must be at most {MAX_IDEMPOTENCY_KEY_CHARS} characters of "
+                "A-Z a-z 0-9 . _ : -",
+            )
+        return key
 
     def upload(self, max_tokens: int) -> Upload:
         """An Append's token ids, gathered as it streams, with at most `max_tokens` of them."""

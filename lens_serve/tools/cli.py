@@ -146,11 +146,13 @@ def _add_serve(subparsers: SubParsers) -> None:
 
     parser = subparsers.add_parser(
         "serve",
-        help="run the gRPC server",
+        help="run the gRPC server (and the OpenAI-compatible HTTP endpoint)",
         description=(
-            "Serve LensServe/LensAdmin over gRPC. Every flag is also the environment variable "
-            "LENS_<FLAG> (e.g. --shadow-rate = LENS_SHADOW_RATE); flags win over the environment. "
-            "Prints `listening on HOST:PORT` once health reports SERVING."
+            "Serve LensServe/LensAdmin over gRPC and, with --http-port, the OpenAI-compatible HTTP "
+            "API. Every flag is also the environment variable LENS_<FLAG> (e.g. --shadow-rate = "
+            "LENS_SHADOW_RATE); flags win over the environment. Prints `http listening on "
+            "HOST:PORT` once the HTTP endpoint is up, then `listening on HOST:PORT` once health "
+            "reports SERVING."
         ),
     )
     docs = _field_docs(Settings)

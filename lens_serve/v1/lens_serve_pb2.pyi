@@ -78,6 +78,11 @@ class SamplingParams(_message.Message):
     TOP_P_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    PRESENCE_PENALTY_FIELD_NUMBER: _builtins.int
+    FREQUENCY_PENALTY_FIELD_NUMBER: _builtins.int
+    REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """Maximum number of tokens to generate; 0 means the server default."""
     temperature: _builtins.float
@@ -86,6 +91,27 @@ class SamplingParams(_message.Message):
     """Nucleus sampling mass in (0, 1]; 0 means 1 (disabled)."""
     seed: _builtins.int
     """Sampling seed; 0 means a server-chosen seed (reported nowhere, so not reproducible)."""
+    top_k: _builtins.int
+    """Sample from the k most likely tokens only; 0 means all tokens."""
+    presence_penalty: _builtins.float
+    """In [-2, 2]: subtracted once from the logit of every token the completion already holds
+    (OpenAI's presence_penalty); > 0 favours new tokens. 0 means none.
+    """
+    frequency_penalty: _builtins.float
+    """In [-2, 2]: subtracted from a token's logit once per time the completion already holds it
+    (OpenAI's frequency_penalty). 0 means none.
+    """
+    repetition_penalty: _builtins.float
+    """In (0, 2]: divides the positive logits (multiplies the negative ones) of tokens the completion
+    already holds (vLLM's and transformers' repetition_penalty); > 1 discourages repeats. 0 means 1
+    (none). Only the completion counts: the prompt reaches the model as working-context rows, whose
+    tokens vLLM cannot see.
+    """
+    logprobs: _builtins.int
+    """Unset: no log-probabilities. N in [0, 20]: every generated token comes with its
+    log-probability and those of the N most likely tokens at its position
+    (GenerateResponse.logprobs).
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Generation stops before any of these strings; the stop string is not returned."""
@@ -98,14 +124,47 @@ class SamplingParams(_message.Message):
         top_p: _builtins.float = ...,
         seed: _builtins.int = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
+        top_k: _builtins.int = ...,
+        presence_penalty: _builtins.float = ...,
+        frequency_penalty: _builtins.float = ...,
+        repetition_penalty: _builtins.float = ...,
+        logprobs: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "logprobs", b"logprobs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs", "frequency_penalty", b"frequency_penalty", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "presence_penalty", b"presence_penalty", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__logprobs: _TypeAlias = _typing.Literal["logprobs"]  # noqa: Y015
+    _WhichOneofArgType__logprobs: _TypeAlias = _typing.Literal["_logprobs", b"_logprobs"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logprobs) -> _WhichOneofReturnType__logprobs | None: ...
+
+Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """One message of a chat; GenerateRequest.messages renders them with the model's chat template."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """"system", "user" or "assistant"."""
+    content: _builtins.str
+    """The message's text."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
 
 @_typing.final
 class CreateSessionRequest(_message.Message):
@@ -230,10 +289,17 @@ class AppendRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Target session; required on the first chunk, and later chunks must leave it empty or repeat it."""
     text: _builtins.str
     """Text to tokenize and append (chunk boundaries are joined before tokenizing)."""
+    idempotency_key: _builtins.str
+    """Optional, on the first chunk: makes the stream safe to retry. A stream with a key that an
+    earlier stream to this session already appended under appends nothing; its response reports
+    what the first one appended. Up to 128 characters of A-Z a-z 0-9 . _ : -, kept for the
+    server's idempotency_ttl_s (default one day).
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids to append as they are; each must lie in the model's vocabulary."""
@@ -244,10 +310,11 @@ class AppendRequest(_message.Message):
         session_id: _builtins.str = ...,
         text: _builtins.str = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "session_id", b"session_id", "text", b"text", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -285,7 +352,7 @@ Global___AppendResponse: _TypeAlias = AppendResponse  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
-    """Request for Generate. Give `prompt` or `prompt_token_ids` (not both)."""
+    """Request for Generate. Give one of `prompt`, `prompt_token_ids` and `messages`."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -296,6 +363,8 @@ class GenerateRequest(_message.Message):
     WC_BUDGET_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Optional session; when set, the prompt and the completion are appended to it."""
     prompt: _builtins.str
@@ -306,6 +375,12 @@ class GenerateRequest(_message.Message):
     """How the working context is chosen; UNSPECIFIED means the server default (LENS)."""
     chat: _builtins.bool
     """Apply the model's chat template to `prompt` (text prompts only)."""
+    idempotency_key: _builtins.str
+    """Optional, with a session: makes the turn safe to retry. A retry with the same key never
+    appends the prompt twice; if the earlier request completed the turn, its stored answer is
+    returned as one final chunk (usage.replayed) and nothing is generated. Same rules as
+    AppendRequest.idempotency_key; ignored without a session (nothing is written then).
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Prompt as token ids."""
@@ -313,6 +388,13 @@ class GenerateRequest(_message.Message):
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """Sampling controls; unset fields take server defaults."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
+        """A chat, rendered with the model's chat template (with the assistant's turn opened) as the
+        prompt. With a session, the rendered messages are the turn's prompt, appended to the session,
+        and the working context is chosen for the last user message.
+        """
 
     def __init__(
         self,
@@ -324,10 +406,12 @@ class GenerateRequest(_message.Message):
         wc_budget: _builtins.int = ...,
         policy: Global___Policy.ValueType = ...,
         chat: _builtins.bool = ...,
+        idempotency_key: _builtins.str = ...,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "policy", b"policy", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "idempotency_key", b"idempotency_key", "messages", b"messages", "policy", b"policy", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "sampling", b"sampling", "session_id", b"session_id", "wc_budget", b"wc_budget"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,6 +435,7 @@ class Usage(_message.Message):
     GISTNET_VERSION_FIELD_NUMBER: _builtins.int
     QUERY_SOURCE_FIELD_NUMBER: _builtins.int
     QUERY_TOKENS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     lifetime_tokens: _builtins.int
     """Lifetime tokens of the context the WC was chosen over (session + prompt)."""
     wc_rows: _builtins.int
@@ -377,6 +462,10 @@ class Usage(_message.Message):
     """
     query_tokens: _builtins.int
     """Tokens in that query."""
+    replayed: _builtins.bool
+    """The turn was completed by an earlier request with this idempotency key: this is its stored
+    answer; nothing was generated or appended, and the working-context fields are zero.
+    """
     def __init__(
         self,
         *,
@@ -392,10 +481,11 @@ class Usage(_message.Message):
         gistnet_version: _builtins.str = ...,
         query_source: _builtins.str = ...,
         query_tokens: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_rows", b"cached_rows", "completion_tokens", b"completion_tokens", "gist_covered_tokens", b"gist_covered_tokens", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "query_source", b"query_source", "query_tokens", b"query_tokens", "wc_choice_ms", b"wc_choice_ms", "wc_rows", b"wc_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_rows", b"cached_rows", "completion_tokens", b"completion_tokens", "gist_covered_tokens", b"gist_covered_tokens", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_tokens", b"lifetime_tokens", "policy", b"policy", "prompt_tokens", b"prompt_tokens", "query_source", b"query_source", "query_tokens", b"query_tokens", "replayed", b"replayed", "wc_choice_ms", b"wc_choice_ms", "wc_rows", b"wc_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -412,6 +502,7 @@ class GenerateResponse(_message.Message):
     FINISH_REASON_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text delta of this chunk."""
     finish_reason: _builtins.str
@@ -426,6 +517,10 @@ class GenerateResponse(_message.Message):
     def usage(self) -> Global___Usage:
         """Accounting; set only on the last chunk."""
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprobs]:
+        """With SamplingParams.logprobs: one entry per token in `token_ids`, in order."""
+
     def __init__(
         self,
         *,
@@ -434,14 +529,79 @@ class GenerateResponse(_message.Message):
         finish_reason: _builtins.str = ...,
         usage: Global___Usage | None = ...,
         request_id: _builtins.str = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "logprobs", b"logprobs", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class Logprob(_message.Message):
+    """A token and its log-probability (natural log)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.int
+    """The token's id."""
+    token: _builtins.str
+    """The token's text."""
+    logprob: _builtins.float
+    """Its log-probability at this position under the model alone (before penalties, temperature,
+    top-k and top-p).
+    """
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.int = ...,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Logprob: _TypeAlias = Logprob  # noqa: Y015
+
+@_typing.final
+class TokenLogprobs(_message.Message):
+    """The log-probabilities at one generated position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def token(self) -> Global___Logprob:
+        """The token generated there."""
+
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Logprob]:
+        """The SamplingParams.logprobs most likely tokens there, most likely first (the generated token
+        among them if it is one of them).
+        """
+
+    def __init__(
+        self,
+        *,
+        token: Global___Logprob | None = ...,
+        top_logprobs: _abc.Iterable[Global___Logprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["token", b"token"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprobs: _TypeAlias = TokenLogprobs  # noqa: Y015
 
 @_typing.final
 class ScoreRequest(_message.Message):
