@@ -208,14 +208,14 @@ async def test_a_current_version_this_trainer_cannot_load_starts_a_new_lineage(
     assert (await LENSNET.fetch(redis_client, result.published[0])).parent == ""
 
 
-@pytest.mark.parametrize("record", [{"config": "[]"}, {"sha256": "torn publish"}])
+@pytest.mark.parametrize(("field", "value"), [("config", "[]"), ("sha256", "torn publish")])
 async def test_a_malformed_current_record_starts_a_new_lineage(
-    redis_client: Redis, redis_url: str, record: dict[str, str]
+    redis_client: Redis, redis_url: str, field: str, value: str
 ) -> None:
     """A record written raw into Redis (a wrong config type; a publish torn before the fix)
     must not stop the trainer: it trains a new lineage, as for any version it cannot load."""
     await _fill(redis_client)
-    await redis_client.hset(LENSNET.key("broken"), mapping=record)
+    await redis_client.hset(LENSNET.key("broken"), field, value)
     await redis_client.set(LENSNET.current_key, "broken")
     trainer, _ = _trainer(redis_client, redis_url, max_steps=20)
     result = await trainer.run()
