@@ -111,6 +111,40 @@ def stdlib_corpus(max_chars: int) -> tuple[list[str], dict[str, Any]]:
     return texts, info
 
 
+def save_chat_tokenizer(tokenizer_object: Any, out: Path) -> None:
+    """Wrap a locally trained `tokenizers.Tokenizer` with the recipes' special tokens and ChatML
+    template, check their ids and save it into `out`."""
+    tokenizer = hf().PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object,
+        bos_token=IM_START,
+        eos_token=IM_END,
+        unk_token=ENDOFTEXT,
+        pad_token=IM_END,
+        model_max_length=MAX_POSITIONS,
+        chat_template=CHATML_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    check_special_ids(tokenizer)
+    tokenizer.save_pretrained(out)
+
+
+def init_random(model: Any, seed: int, std: float) -> None:
+    """Explicit initialisation, independent of transformers' own init order: N(0, std) for every
+    matrix, ones for every 1-D parameter (norm scales), drawn in sorted parameter-name order from
+    one generator, so weights are bit-identical for a seed."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.fill_(1.0)
+            elif param.ndim == 2:
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+            else:
+                raise ModelPrepareError(f"unexpected parameter {pname} of shape {param.shape}")
+
+
 @contextlib.contextmanager
 def progress(step: str, every_s: float = 10.0) -> Iterator[None]:
     """Logs `step` as it starts, every `every_s` seconds while it runs and when it ends: a step of

@@ -20,17 +20,14 @@ from typing import Any
 from lens_serve.assets.model_dirs import ModelPrepareError
 from lens_serve.assets.recipe_common import (
     BOS_ID,
-    CHATML_TEMPLATE,
-    ENDOFTEXT,
     EOS_ID,
-    IM_END,
-    IM_START,
     MAX_POSITIONS,
     PAD_ID,
     SPECIAL_TOKENS,
-    check_special_ids,
     hf,
+    init_random,
     save_bf16,
+    save_chat_tokenizer,
     stdlib_corpus,
 )
 
@@ -85,7 +82,6 @@ def _train_qwen_tokenizer(texts: list[str]) -> Any:
 
 def build_tiny_qwen(out: Path, root: Path, seed: int) -> dict[str, Any]:
     del root
-    import torch
 
     transformers = hf()
     texts, corpus = stdlib_corpus(QWEN_CORPUS_CHARS)
@@ -95,18 +91,7 @@ def build_tiny_qwen(out: Path, root: Path, seed: int) -> dict[str, Any]:
         corpus["files"],
         corpus["chars"],
     )
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=_train_qwen_tokenizer(texts),
-        bos_token=IM_START,
-        eos_token=IM_END,
-        unk_token=ENDOFTEXT,
-        pad_token=IM_END,
-        model_max_length=MAX_POSITIONS,
-        chat_template=CHATML_TEMPLATE,
-        clean_up_tokenization_spaces=False,
-    )
-    check_special_ids(tokenizer)
-    tokenizer.save_pretrained(out)
+    save_chat_tokenizer(_train_qwen_tokenizer(texts), out)
 
     config = transformers.Qwen3Config(
         vocab_size=QWEN_VOCAB,
@@ -130,16 +115,6 @@ def build_tiny_qwen(out: Path, root: Path, seed: int) -> dict[str, Any]:
     )
     logger.info("initialising tiny-qwen weights from seed %d", seed)
     model = transformers.Qwen3ForCausalLM(config)
-    # Explicit initialisation, as for tiny: N(0, std) for every matrix, ones for the norm scales
-    # (Qwen3's q/k norms too), drawn in sorted parameter-name order from one generator.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for pname, param in sorted(model.named_parameters()):
-            if param.ndim == 1:
-                param.fill_(1.0)
-            elif param.ndim == 2:
-                param.copy_(torch.randn(param.shape, generator=gen) * QWEN_INIT_STD)
-            else:
-                raise ModelPrepareError(f"unexpected parameter {pname} of shape {param.shape}")
+    init_random(model, seed, QWEN_INIT_STD)
     save_bf16(model, out)
     return {"kind": "random", "init_std": QWEN_INIT_STD, "tokenizer_corpus": corpus}
