@@ -23,6 +23,20 @@ TIME_TO_FIRST_TOKEN_SECONDS = Histogram(
     "From request arrival to the first streamed token",
     buckets=_LATENCY_BUCKETS,
 )
+TIME_PER_OUTPUT_TOKEN_SECONDS = Histogram(
+    "lens_generate_time_per_output_token_seconds",
+    "Per request: (last token - first token) / (generated tokens - 1)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1),
+)
+PROMPT_TOKENS_TOTAL = Counter(
+    "lens_prompt_tokens_total", "Prompt tokens of Generate requests (appended to the session)"
+)
+GENERATION_TOKENS_TOTAL = Counter("lens_generation_tokens_total", "Tokens generated")
+BUILD_INFO = Gauge(
+    "lens_build_info",
+    "This server's version, served model and Python version (value 1)",
+    ["version", "model", "python"],
+)
 WC_CHOICE_SECONDS = Histogram(
     "lens_wc_choice_seconds",
     "Time to choose a working context, by policy",

@@ -29,7 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from lens_serve.log import configure_logging
+from lens_serve.log import configure_logging, is_log_json_env
 from trainer.distill import DistillConfig
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ _RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-steps", "max_steps", int, "stop after this many steps (0 = never)"),
     ("--offline-dump", "offline_dump", Path, "train from a dump file instead of the stream"),
     ("--log-every-s", "log_every_s", float, "seconds between progress lines"),
+    ("--metrics-port", "metrics_port", int, "serve Prometheus /metrics on this port (0 = off)"),
 )
 
 # Transient Redis errors are retried with exponential backoff (capped at 2 s, 6 tries); anything
@@ -81,7 +82,12 @@ def _redis(url: str) -> Redis:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lens-trainer", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    parser.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=is_log_json_env(),
+        help="one JSON object per log line (env LENS_LOG_JSON=1, as for lens-serve)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="train LensNet from the preference stream")
     for flag, dest, kind, text in _RUN_FLAGS:
@@ -152,6 +158,11 @@ async def _run_async(settings: Any) -> int:
         sys.stderr.write(f"lens-trainer: model: {e}\n")
         return 2
     table = await asyncio.to_thread(EmbeddingTable.from_checkpoint, model_dir)
+    if settings.metrics_port:
+        from trainer.metrics import serve
+
+        serve(settings.metrics_port)
+        logger.info("metrics on port %d", settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

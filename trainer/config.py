@@ -71,6 +71,8 @@ class TrainerSettings(BaseSettings):
     """Pair strength = tanh(normalised NLL gap / pair_scale)."""
     max_pairs: int = Field(default=16, ge=1)
     """Preference pairs kept per record."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Serve Prometheus /metrics on this port (0: off)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainerSettings:

@@ -153,6 +153,15 @@ class PreferenceConsumer:
         )
         return len(rows)
 
+    async def lag(self) -> int:
+        """Entries of the stream the group has not acknowledged: never delivered (the group's
+        `lag`) plus delivered and pending. Redis answers no lag after some trims and deletions
+        (then only the pending ones count); 0 if the group does not exist yet."""
+        for group in await self._redis.xinfo_groups(self.stream):
+            if _text(group["name"]) == self.group:
+                return int(group.get("lag") or 0) + int(group["pending"])
+        return 0
+
     async def leave(self) -> None:
         """Remove this consumer from the group if it holds nothing pending (a clean exit)."""
         if await self.pending() == 0:

@@ -40,6 +40,7 @@ from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.errors import NotFound
 from lens_serve.store.preferences import parse_record
 from lens_serve.store.registry import LENSNET, WeightsRejected, verify_lensnet
+from trainer import metrics as trainer_metrics
 from trainer.config import TrainerSettings
 from trainer.data import Entry, PreferenceConsumer, read_dump
 from trainer.examples import Example, TargetConfig, example_from_record
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 # How long one XREADGROUP waits while there is too little data to train: short enough that a stop
 # request is answered within about a second.
 _IDLE_BLOCK_MS = 1000
+# The consumer-lag gauge is refreshed (one XINFO GROUPS) at most this often.
+_LAG_EVERY_S = 5.0
 
 
 class ReplayBuffer:
@@ -137,6 +140,7 @@ class Trainer:
         self._current_steps = 0  # steps behind the current version's weights
         self._refusals = 0  # gates in a row that judged the trained weights and refused them
         self._unloadable: set[str] = set()  # published versions this trainer cannot load
+        self._lag_at = -math.inf  # when the consumer-lag gauge was last refreshed
         self._trainer = self._new_optimizer()
         self.result = RunResult()
         self._losses: list[float] = []
@@ -285,11 +289,15 @@ class Trainer:
         count = self.settings.read_count
         entries = await self.consumer.claim(count)
         entries += await self.consumer.read(count, block_ms if not entries else None)
-        if not entries:
-            return
-        kept, rejected = await asyncio.to_thread(self._decode, entries)
-        await self.consumer.commit(kept, rejected)
-        self.result.rejected += len(rejected)
+        if entries:
+            kept, rejected = await asyncio.to_thread(self._decode, entries)
+            await self.consumer.commit(kept, rejected)
+            self.result.rejected += len(rejected)
+            trainer_metrics.RECORDS_CONSUMED_TOTAL.labels("usable").inc(len(kept))
+            trainer_metrics.RECORDS_CONSUMED_TOTAL.labels("rejected").inc(len(rejected))
+        if time.monotonic() - self._lag_at >= _LAG_EVERY_S:
+            trainer_metrics.CONSUMER_LAG_RECORDS.set(await self.consumer.lag())
+            self._lag_at = time.monotonic()
 
     def _decode(self, entries: Sequence[Entry]) -> tuple[list[Entry], list[tuple[Entry, str]]]:
         """Decode into the buffer; returns (entries to store, entries rejected with why)."""
@@ -315,6 +323,7 @@ class Trainer:
         metrics = await asyncio.to_thread(self._trainer.step, batch)
         self.result.steps += 1
         self._lineage_steps += 1
+        trainer_metrics.STEPS_TOTAL.inc()
         self._losses.append(metrics.loss)
         if not math.isfinite(metrics.loss):
             raise FloatingPointError(f"training loss became {metrics.loss} at step {self.steps}")
@@ -341,6 +350,8 @@ class Trainer:
         it, passed or not (the agreement curve)."""
         decision = await asyncio.to_thread(self._gate)
         self.result.last_decision = decision
+        outcome = "passed" if decision.passed else "refused" if decision.judged else "unjudged"
+        trainer_metrics.GATE_DECISIONS_TOTAL.labels(outcome).inc()
         report = {
             "steps": self.steps,
             "run_steps": self.result.steps,
@@ -428,6 +439,7 @@ class Trainer:
         self._current_steps = self.steps
         self._refusals = 0
         self.result.published.append(version)
+        trainer_metrics.PUBLISHED_VERSIONS_TOTAL.inc()
         logger.info(
             "published %s at step %d: held-out decisive agreement %.3f (was %.3f), "
             "correlation %.3f",

@@ -4,12 +4,15 @@ The production server, the in-process stack (integration tests) and the benches 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
+import platform
 from collections.abc import Sequence
 
 import numpy as np
 from redis.asyncio import Redis
 
+from lens_serve import metrics
 from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.core.allocator import FocusConfig
 from lens_serve.core.embedding import EmbeddingTable
@@ -28,6 +31,18 @@ from lens_serve.store.registry import current_gistnet
 from lens_serve.store.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("lens-serve")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "(not installed)"
+
+
+def record_build_info(settings: Settings) -> None:
+    """`lens_build_info` = 1 for this process's version, served model and Python."""
+    metrics.BUILD_INFO.labels(package_version(), settings.model, platform.python_version()).set(1)
 
 
 def new_tree(
@@ -83,6 +98,7 @@ def assemble_service(
 async def build_service(settings: Settings, engine: Engine, redis: Redis) -> LensService:
     """The served model's embedding table, the GistNet (a published one if it fits this server's
     trees, else the configured kind), the current LensNet, and the running service."""
+    record_build_info(settings)
     model_dir = resolve_model(settings.model, settings.models_dir)
     table = EmbeddingTable.from_checkpoint(model_dir)
     configured = build_gistnet(

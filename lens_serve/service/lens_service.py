@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lens_serve import metrics
+from lens_serve import log, metrics
 from lens_serve.aio import cancel_and_wait
 from lens_serve.core.allocator import FocusState
 from lens_serve.core.assembly import assemble
@@ -141,28 +141,30 @@ class LensService:
         tokenized as it arrives, and refused (`LimitExceeded`) as soon as it exceeds the upload
         limits, with nothing appended. Returns the new lifetime and the tokens appended (by the
         first append under `idempotency_key`: a retry appends nothing)."""
-        sid = self._validate.session_id(session_id)
-        key = self._validate.idempotency_key(idempotency_key)
-        # Unknown sessions are refused before their upload is read and tokenized; the append
-        # below checks again, atomically.
-        info = await self.sessions.get(sid, owner)
-        upload = self._validate.upload(self.settings.max_session_tokens - info.lifetime_tokens)
-        if isinstance(parts, AsyncIterable):
-            async for part in parts:
-                await upload.add(part)
-        else:
-            for part in parts:
-                await upload.add(part)
-        ids = await upload.finish()
-        async with self._lock(sid):
-            lifetime, applied = await self.sessions.append_once(
-                sid, owner, ids, self._once(key, "append")
-            )
-        if applied:
-            return lifetime, len(ids)
-        record = await self.sessions.write_record(sid, owner, key)
-        start, end = record.parts["append"] if record else (0, 0)
-        return lifetime, end - start
+        with log.request_context(uuid.uuid4().hex):
+            sid = self._validate.session_id(session_id)
+            log.SESSION_ID.set(sid)
+            key = self._validate.idempotency_key(idempotency_key)
+            # Unknown sessions are refused before their upload is read and tokenized; the append
+            # below checks again, atomically.
+            info = await self.sessions.get(sid, owner)
+            upload = self._validate.upload(self.settings.max_session_tokens - info.lifetime_tokens)
+            if isinstance(parts, AsyncIterable):
+                async for part in parts:
+                    await upload.add(part)
+            else:
+                for part in parts:
+                    await upload.add(part)
+            ids = await upload.finish()
+            async with self._lock(sid):
+                lifetime, applied = await self.sessions.append_once(
+                    sid, owner, ids, self._once(key, "append")
+                )
+            if applied:
+                return lifetime, len(ids)
+            record = await self.sessions.write_record(sid, owner, key)
+            start, end = record.parts["append"] if record else (0, 0)
+            return lifetime, end - start
 
     # -- working contexts -----------------------------------------------------------------------
 
@@ -176,17 +178,24 @@ class LensService:
         query: str = "",
         query_token_ids: Sequence[int] = (),
     ) -> ContextView:
-        sid = self._validate.session_id(session_id)
-        budget, policy = self._validate.budget(wc_budget), self._validate.policy(policy)
-        wanted = self._validate.query(query, query_token_ids)
-        chooser = self.weights.chooser
-        async with self._lock(sid):
-            entry = await self._synced(owner, sid)
-            self._validate.feasible(entry.tree.lifetime, budget, policy)
-            prepared = await self._prepare(
-                chooser, entry.tree, policy=policy, budget=budget, focus=entry.focus, query=wanted
-            )
-        return prepared.view
+        with log.request_context(uuid.uuid4().hex):
+            sid = self._validate.session_id(session_id)
+            log.SESSION_ID.set(sid)
+            budget, policy = self._validate.budget(wc_budget), self._validate.policy(policy)
+            wanted = self._validate.query(query, query_token_ids)
+            chooser = self.weights.chooser
+            async with self._lock(sid):
+                entry = await self._synced(owner, sid)
+                self._validate.feasible(entry.tree.lifetime, budget, policy)
+                prepared = await self._prepare(
+                    chooser,
+                    entry.tree,
+                    policy=policy,
+                    budget=budget,
+                    focus=entry.focus,
+                    query=wanted,
+                )
+            return prepared.view
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -195,76 +204,89 @@ class LensService:
     ) -> AsyncGenerator[GenerateEvent, None]:
         arrived = time.monotonic()
         request_id = uuid.uuid4().hex
-        prompt = self._validate.prompt_ids(request)
-        budget, policy = (
-            self._validate.budget(request.wc_budget),
-            self._validate.policy(request.policy),
-        )
-        params = self._validate.params(request.sampling, budget)
-        chooser = self.weights.chooser  # the whole request runs on this LensNet version
-        sid = self._validate.session_id(request.session_id) if request.session_id else ""
-        seed = request.sampling.seed
-        # Without a session nothing is written, so a retry is safe without a key.
-        key = self._validate.idempotency_key(request.idempotency_key) if sid else ""
-        if key:
-            replay = await self._replay(owner, sid, key, policy)
-            if replay is not None:
-                yield replay
-                return
-        with self._admission.slot():
-            if sid:
-                query = self._validate.prompt_query(request, prompt)
-                prepared = await self._prepare_turn(
-                    owner, sid, prompt, budget=budget, policy=policy, params=params,
-                    chooser=chooser, seed=seed, query=query, key=key,
-                )  # fmt: skip
-            else:  # the prompt is the whole context: the request asks what its newest tokens do
-                self._validate.feasible(len(prompt), budget, policy)
-                tree = await asyncio.to_thread(self._make_tree, prompt)
-                prepared = await self._prepare(
-                    chooser, tree, policy=policy, budget=budget, seed=seed, served=True
-                )
-            completion: list[int] = []
-            cached_rows = 0
-            async for chunk in self.engine.generate(prepared.embeds, params, request_id):
-                if not completion and chunk.token_ids:
-                    metrics.TIME_TO_FIRST_TOKEN_SECONDS.observe(time.monotonic() - arrived)
-                completion += chunk.token_ids
-                cached_rows = max(cached_rows, chunk.cached_rows)
-                if chunk.finish_reason is None:
-                    yield GenerateEvent(
-                        request_id, chunk.text, chunk.token_ids, logprobs=chunk.logprobs
+        with log.request_context(request_id):
+            prompt = self._validate.prompt_ids(request)
+            budget, policy = (
+                self._validate.budget(request.wc_budget),
+                self._validate.policy(request.policy),
+            )
+            params = self._validate.params(request.sampling, budget)
+            chooser = self.weights.chooser  # the whole request runs on this LensNet version
+            sid = self._validate.session_id(request.session_id) if request.session_id else ""
+            log.SESSION_ID.set(sid)
+            seed = request.sampling.seed
+            # Without a session nothing is written, so a retry is safe without a key.
+            key = self._validate.idempotency_key(request.idempotency_key) if sid else ""
+            if key:
+                replay = await self._replay(owner, sid, key, policy)
+                if replay is not None:
+                    yield replay
+                    return
+            with self._admission.slot():
+                if sid:
+                    query = self._validate.prompt_query(request, prompt)
+                    prepared = await self._prepare_turn(
+                        owner, sid, prompt, budget=budget, policy=policy, params=params,
+                        chooser=chooser, seed=seed, query=query, key=key,
+                    )  # fmt: skip
+                else:  # the prompt is the whole context: what do its newest tokens do?
+                    self._validate.feasible(len(prompt), budget, policy)
+                    tree = await asyncio.to_thread(self._make_tree, prompt)
+                    prepared = await self._prepare(
+                        chooser, tree, policy=policy, budget=budget, seed=seed, served=True
                     )
-                    continue
-                if sid and completion:
-                    once = self._once(key, "answer", chunk.finish_reason)
-                    async with self._lock(sid):
-                        await self.sessions.append(sid, owner, completion, once)
-                    if self.settings.prewarm_next_turn:
-                        self._prewarmer.schedule(
-                            self._next_turn_rows(owner, sid, prepared, prompt, completion, chooser)
+                completion: list[int] = []
+                cached_rows = 0
+                first_token_at = 0.0
+                metrics.PROMPT_TOKENS_TOTAL.inc(len(prompt))
+                async for chunk in self.engine.generate(prepared.embeds, params, request_id):
+                    if not completion and chunk.token_ids:
+                        first_token_at = time.monotonic()
+                        metrics.TIME_TO_FIRST_TOKEN_SECONDS.observe(first_token_at - arrived)
+                    completion += chunk.token_ids
+                    metrics.GENERATION_TOKENS_TOTAL.inc(len(chunk.token_ids))
+                    cached_rows = max(cached_rows, chunk.cached_rows)
+                    if chunk.finish_reason is None:
+                        yield GenerateEvent(
+                            request_id, chunk.text, chunk.token_ids, logprobs=chunk.logprobs
                         )
-                self._maybe_shadow(request_id, sid, policy, prepared, prompt, completion, chooser)
-                metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
-                wc = prepared.view.working_context
-                usage = Usage(
-                    lifetime_tokens=wc.lifetime,
-                    wc_rows=wc.rows,
-                    gist_covered_tokens=wc.gist_covered_tokens,
-                    lens_version=wc.lens_version,
-                    wc_choice_ms=prepared.view.choice_ms,
-                    completion_tokens=len(completion),
-                    cached_rows=cached_rows,
-                    prompt_tokens=len(prompt),
-                    policy=policy,
-                    gistnet_version=prepared.view.gistnet_version,
-                    query_source=prepared.view.query_source,
-                    query_tokens=prepared.view.query_tokens,
-                )
-                yield GenerateEvent(
-                    request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage,
-                    chunk.logprobs, prepared.view,
-                )  # fmt: skip
+                        continue
+                    if sid and completion:
+                        once = self._once(key, "answer", chunk.finish_reason)
+                        async with self._lock(sid):
+                            await self.sessions.append(sid, owner, completion, once)
+                        if self.settings.prewarm_next_turn:
+                            self._prewarmer.schedule(
+                                self._next_turn_rows(
+                                    owner, sid, prepared, prompt, completion, chooser
+                                )
+                            )
+                    self._maybe_shadow(
+                        request_id, sid, policy, prepared, prompt, completion, chooser
+                    )
+                    metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
+                    if len(completion) > 1:  # the first token's wait is TTFT's
+                        tpot = (time.monotonic() - first_token_at) / (len(completion) - 1)
+                        metrics.TIME_PER_OUTPUT_TOKEN_SECONDS.observe(tpot)
+                    wc = prepared.view.working_context
+                    usage = Usage(
+                        lifetime_tokens=wc.lifetime,
+                        wc_rows=wc.rows,
+                        gist_covered_tokens=wc.gist_covered_tokens,
+                        lens_version=wc.lens_version,
+                        wc_choice_ms=prepared.view.choice_ms,
+                        completion_tokens=len(completion),
+                        cached_rows=cached_rows,
+                        prompt_tokens=len(prompt),
+                        policy=policy,
+                        gistnet_version=prepared.view.gistnet_version,
+                        query_source=prepared.view.query_source,
+                        query_tokens=prepared.view.query_tokens,
+                    )
+                    yield GenerateEvent(
+                        request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage,
+                        chunk.logprobs, prepared.view,
+                    )  # fmt: skip
 
     async def _prepare_turn(
         self,
@@ -387,45 +409,50 @@ class LensService:
     # -- scoring --------------------------------------------------------------------------------
 
     async def score(self, owner: str, request: ScoreInput) -> ScoreResult:
-        v = self._validate
-        context = v.text_or_ids(request.context, request.context_token_ids, "context")
-        target = v.text_or_ids(request.continuation, request.continuation_token_ids, "continuation")
-        if not target:
-            raise InvalidRequest("continuation", "must not be empty")
-        budget, policy = v.budget(request.wc_budget), v.policy(request.policy)
-        query = v.query(request.query, request.query_token_ids)
-        if budget + len(target) > self.engine.max_model_len:
-            raise InvalidRequest(
-                "continuation",
-                f"{len(target)} tokens after a {budget}-row context exceed the model's "
-                f"{self.engine.max_model_len} positions",
+        request_id = uuid.uuid4().hex
+        with log.request_context(request_id):
+            v = self._validate
+            context = v.text_or_ids(request.context, request.context_token_ids, "context")
+            target = v.text_or_ids(
+                request.continuation, request.continuation_token_ids, "continuation"
             )
-        chooser = self.weights.chooser
-        with self._admission.slot():
-            if request.session_id:
-                sid = v.session_id(request.session_id)
-                async with self._lock(sid):
-                    entry = await self._synced(owner, sid)
-                    v.feasible(entry.tree.lifetime + len(context), budget, policy)
-                    tree, focus = entry.tree, entry.focus
-                    if context:  # the session itself is not modified: score over a copy
-                        tree = await asyncio.to_thread(
-                            self._make_tree, np.concatenate([tree.tokens(), context])
-                        )
-                        focus = None
-                    prepared = await self._prepare(
-                        chooser, tree, policy=policy, budget=budget, focus=focus, query=query
-                    )
-            else:
-                if not context:
-                    raise InvalidRequest("context", "must not be empty without a session_id")
-                v.feasible(len(context), budget, policy)
-                tree = await asyncio.to_thread(self._make_tree, context)
-                prepared = await self._prepare(
-                    chooser, tree, policy=policy, budget=budget, query=query
+            if not target:
+                raise InvalidRequest("continuation", "must not be empty")
+            budget, policy = v.budget(request.wc_budget), v.policy(request.policy)
+            query = v.query(request.query, request.query_token_ids)
+            if budget + len(target) > self.engine.max_model_len:
+                raise InvalidRequest(
+                    "continuation",
+                    f"{len(target)} tokens after a {budget}-row context exceed the model's "
+                    f"{self.engine.max_model_len} positions",
                 )
-            logprobs = await self.engine.score(prepared.embeds, target, uuid.uuid4().hex)
-        return ScoreResult([-lp for lp in logprobs], list(target), prepared.view)
+            chooser = self.weights.chooser
+            with self._admission.slot():
+                if request.session_id:
+                    sid = v.session_id(request.session_id)
+                    log.SESSION_ID.set(sid)
+                    async with self._lock(sid):
+                        entry = await self._synced(owner, sid)
+                        v.feasible(entry.tree.lifetime + len(context), budget, policy)
+                        tree, focus = entry.tree, entry.focus
+                        if context:  # the session itself is not modified: score over a copy
+                            tree = await asyncio.to_thread(
+                                self._make_tree, np.concatenate([tree.tokens(), context])
+                            )
+                            focus = None
+                        prepared = await self._prepare(
+                            chooser, tree, policy=policy, budget=budget, focus=focus, query=query
+                        )
+                else:
+                    if not context:
+                        raise InvalidRequest("context", "must not be empty without a session_id")
+                    v.feasible(len(context), budget, policy)
+                    tree = await asyncio.to_thread(self._make_tree, context)
+                    prepared = await self._prepare(
+                        chooser, tree, policy=policy, budget=budget, query=query
+                    )
+                logprobs = await self.engine.score(prepared.embeds, target, request_id)
+            return ScoreResult([-lp for lp in logprobs], list(target), prepared.view)
 
     # -- helpers --------------------------------------------------------------------------------
 

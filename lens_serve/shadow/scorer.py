@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from redis.exceptions import RedisError
 
-from lens_serve import metrics
+from lens_serve import log, metrics
 from lens_serve.core.assembly import assemble
 from lens_serve.core.context import WorkingContext, coarsest_tiling, fill_newest_first
 from lens_serve.core.lensnet import tiling_query_match
@@ -89,18 +89,23 @@ class ShadowScorer:
         """The background worker (one task): jobs one at a time, never raising."""
         while True:
             job = await self._queue.get()
-            try:
-                record = await self.measure(job)
-                await self._log.append(record)
-                self.recorded += 1
-            except RedisError as e:
-                metrics.SHADOW_JOBS_DROPPED_TOTAL.labels("redis").inc()
-                logger.warning("shadow record for %s dropped: Redis: %s", job.request_id, e)
-            except Exception:
-                metrics.SHADOW_JOBS_DROPPED_TOTAL.labels("error").inc()
-                logger.exception("shadow job for %s failed", job.request_id)
-            finally:
-                self._queue.task_done()
+            # The job's log lines name the request it shadows.
+            with log.request_context(job.request_id, job.session_id):
+                await self._run_job(job)
+
+    async def _run_job(self, job: ShadowJob) -> None:
+        try:
+            record = await self.measure(job)
+            await self._log.append(record)
+            self.recorded += 1
+        except RedisError as e:
+            metrics.SHADOW_JOBS_DROPPED_TOTAL.labels("redis").inc()
+            logger.warning("shadow record for %s dropped: Redis: %s", job.request_id, e)
+        except Exception:
+            metrics.SHADOW_JOBS_DROPPED_TOTAL.labels("error").inc()
+            logger.exception("shadow job for %s failed", job.request_id)
+        finally:
+            self._queue.task_done()
 
     async def drain(self) -> None:
         """Wait until every queued job is done (tests and benchmarks)."""

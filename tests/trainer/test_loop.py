@@ -324,3 +324,41 @@ async def test_training_restarts_from_the_current_version_after_refusals_in_a_ro
         # Refusals for want of held-out data say nothing about the weights: no restart.
         assert [r["steps"] for r in reports] == [40, 60, 80]
         assert trainer.steps == 80
+
+
+def _metric(name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_trainer_metrics_count_steps_records_gates_and_lag(
+    redis_client: Redis, redis_url: str
+) -> None:
+    await _fill(redis_client, 32)
+    trainer, _ = _trainer(redis_client, redis_url, min_records=16, max_steps=20)
+    usable = {"result": "usable"}
+    before = {
+        "steps": _metric("lens_trainer_steps_total"),
+        "usable": _metric("lens_trainer_records_consumed_total", usable),
+        "published": _metric("lens_trainer_published_versions_total"),
+        "gates": sum(
+            _metric("lens_trainer_gate_decisions_total", {"outcome": o})
+            for o in ("passed", "refused", "unjudged")
+        ),
+    }
+    result = await trainer.run()
+    assert result.steps == 20
+    assert _metric("lens_trainer_steps_total") == before["steps"] + 20
+    assert _metric("lens_trainer_records_consumed_total", usable) == before["usable"] + 32
+    gates = sum(
+        _metric("lens_trainer_gate_decisions_total", {"outcome": o})
+        for o in ("passed", "refused", "unjudged")
+    )
+    assert gates == before["gates"] + 1
+    published = _metric("lens_trainer_published_versions_total")
+    assert published == before["published"] + len(result.published)
+    # Lag: entries the group has not acknowledged (none left after the run read them all).
+    assert trainer.consumer is not None
+    await _fill(redis_client, 3, first=100)
+    assert await trainer.consumer.lag() == 3
