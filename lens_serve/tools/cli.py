@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from lens_serve.assets import install, model_dirs
-from lens_serve.log import configure_logging
+from lens_serve.log import configure_logging, is_log_json_env
 from lens_serve.tools.demo_configs import (
     DEMO_DOC,
     SERVER_DEMO_DOC,
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-json",
         action=argparse.BooleanOptionalAction,
-        default=os.environ.get("LENS_LOG_JSON", "").lower() in ("1", "true", "yes"),
+        default=is_log_json_env(),
         help="log one JSON object per line (env LENS_LOG_JSON=1)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
