@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from lens_serve.client import LensClient, SyncLensClient
+from lens_serve.client import LensClient, SyncLensClient, Unauthenticated
 from lens_serve.service import auth
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.fake_servicers import FakeServer, make_settings, running_fake_server
@@ -49,7 +49,7 @@ async def test_client_admin_calls_use_admin_token(client: LensClient) -> None:
 
 async def test_client_without_token_unauthenticated(fake: FakeServer) -> None:
     async with LensClient(fake.target) as anonymous:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(Unauthenticated) as caught:
             await anonymous.create_session()
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 

@@ -66,6 +66,19 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     drain_seconds: float = Field(30.0, ge=0)
     """On SIGTERM: how long in-flight streams may finish before they are cancelled."""
+    keepalive_time_s: float = Field(60.0, gt=0)
+    """The server pings an idle connection this often, to find dead peers."""
+    keepalive_timeout_s: float = Field(20.0, gt=0)
+    """A ping unanswered for this long closes the connection."""
+    min_client_ping_interval_s: float = Field(10.0, ge=0)
+    """Clients may ping (keepalive) this often, also without calls in flight; more often gets a
+    GOAWAY "too_many_pings". `lens_serve.client` pings every 30 s."""
+    max_connection_age_s: float = Field(300.0, gt=0)
+    """Connections are closed (GOAWAY) after this long, so clients of the headless Service
+    re-resolve it and spread over new pods (docs/deployment.md)."""
+    max_connection_age_grace_s: float | None = Field(None, ge=0)
+    """How long calls on a connection past its age may finish (a long Generate stream); None:
+    drain_seconds."""
     max_append_bytes: int = Field(16 << 20, ge=1)
     """Bytes of text one Append stream may carry; the stream is refused (RESOURCE_EXHAUSTED) as
     soon as it sends more. Its tokens are bounded by max_session_tokens."""

@@ -22,12 +22,15 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from lens_serve import metrics
 from lens_serve.errors import InvalidRequest
 from lens_serve.service import auth
 from lens_serve.service.config import Settings
-from lens_serve.service.statuses import failure_of
+from lens_serve.service.statuses import Failure, failure_of
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +229,37 @@ async def _abort(
     context: grpc.aio.ServicerContext[Any, Any],
     outcome: _Outcome,
 ) -> NoReturn:
-    """Aborts the call (raises grpc.aio.AbortError) with the status the one error map gives."""
+    """Aborts the call (raises grpc.aio.AbortError) with the status the one error map gives, and
+    its `google.rpc.Status` details (`status_details`) in the trailers."""
     failure = failure_of(exc, method, logger)
     code = grpc.StatusCode[failure.status]
     outcome.code = code
-    await context.abort(code, failure.message)
+    await context.abort_with_status(rpc_status.to_status(status_details(failure)))
+
+
+def status_details(failure: Failure) -> status_pb2.Status:
+    """The `google.rpc.Status` of a failure (docs/design.md §7): its code and message, with a
+    `BadRequest` field violation when the failure names a field (INVALID_ARGUMENT, or a size
+    limit's RESOURCE_EXHAUSTED) and a `RetryInfo` when a retry after a delay can succeed."""
+    status = status_pb2.Status(
+        code=grpc.StatusCode[failure.status].value[0], message=failure.message
+    )
+    if failure.field is not None:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=failure.field, description=failure.message
+        )
+        _add_detail(status, error_details_pb2.BadRequest(field_violations=[violation]))
+    if failure.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(failure.retry_after * 1e9))
+        _add_detail(status, error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+def _add_detail(status: status_pb2.Status, detail: Any) -> None:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    status.details.append(packed)
 
 
 def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode | None:

@@ -81,6 +81,28 @@ def redis_client(settings: Settings, url: str) -> Redis:
     )
 
 
+def _connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """Keepalive both ways, and a maximum connection age: behind the headless Service, clients
+    re-resolve the pods only when a connection closes (docs/deployment.md)."""
+    grace_s = settings.max_connection_age_grace_s
+    if grace_s is None:
+        grace_s = settings.drain_seconds
+    return [
+        ("grpc.keepalive_time_ms", _ms(settings.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(settings.keepalive_timeout_s)),
+        # Accept the clients' keepalive pings (lens_serve.client: every 30 s, also when idle).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(settings.min_client_ping_interval_s)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_age_ms", _ms(settings.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(grace_s)),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 def build_server(
     settings: Settings,
     *,
@@ -103,6 +125,7 @@ def build_server(
             # Refuse to share the port with another process: a second server on the same port
             # would silently receive half of the calls.
             ("grpc.so_reuseport", 0),
+            *_connection_options(settings),
         ],
         # No maximum_concurrent_rpcs: the service bounds Generate/Score itself
         # (settings.max_concurrency) and answers RESOURCE_EXHAUSTED, which clients understand.

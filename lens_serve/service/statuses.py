@@ -42,6 +42,9 @@ Every status but OK."""
 LIMIT_EXCEEDED_HTTP_STATUS = 413
 """A request over a size limit (`LimitExceeded`) fails again however often it is retried, and HTTP
 clients (the OpenAI SDKs among them) retry every 429: it gets 413 Content Too Large instead."""
+OVERLOADED_RETRY_AFTER_S = 1.0
+"""The delay a RESOURCE_EXHAUSTED answer for a full server (`Overloaded`, not `LimitExceeded`)
+suggests before a retry (google.rpc.RetryInfo on gRPC)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ class Failure:
     field: str | None
     """The request field at fault, when the error names one."""
     http_status: int
+    retry_after: float | None = None
+    """Seconds to wait before retrying the same request, when a retry can succeed (a full server);
+    None when it would fail again or the status says it all."""
 
 
 def failure_of(exc: Exception, method: str, log: logging.Logger) -> Failure:
@@ -80,7 +86,12 @@ def failure_of(exc: Exception, method: str, log: logging.Logger) -> Failure:
         http_status = HTTP_STATUS[status]
         if isinstance(exc, LimitExceeded):
             http_status = LIMIT_EXCEEDED_HTTP_STATUS
-        return Failure(status, message, getattr(exc, "field", None), http_status)
+        retry_after = (
+            OVERLOADED_RETRY_AFTER_S
+            if status == "RESOURCE_EXHAUSTED" and not isinstance(exc, LimitExceeded)
+            else None
+        )
+        return Failure(status, message, getattr(exc, "field", None), http_status, retry_after)
     if isinstance(exc, _UNAVAILABLE_ERRORS):
         log.warning("%s: redis unavailable: %s", method, exc)
         return Failure("UNAVAILABLE", _UNAVAILABLE_MESSAGE, None, HTTP_STATUS["UNAVAILABLE"])
