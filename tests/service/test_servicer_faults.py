@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import statistics
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -130,18 +131,27 @@ async def test_append_over_the_byte_limit_is_refused_before_the_stream_ends(
         await s.stub.Append(iter([pb.AppendRequest(session_id=session_id, text="kept ")]))
         sent = 0
         chunk = text_of(MIB)
+        ended = threading.Event()
 
         def chunks() -> Iterator[pb.AppendRequest]:
             nonlocal sent
             for i in range(20):
+                # Past the limit, each further chunk waits for the call to end (a server that
+                # reads everything before refusing would keep it open): the client's sending
+                # speed cannot decide the test.
+                if i > 5 and ended.wait(timeout=10):
+                    return
                 sent += 1
                 yield pb.AppendRequest(session_id=session_id if i == 0 else "", text=chunk)
 
         def upload() -> None:
             # The blocking client: the asyncio one may report INTERNAL when the server ends a
             # call while it is still sending (grpc/grpc#36066).
-            with grpc.insecure_channel(s.target) as channel:
-                pb_grpc.LensServeStub(channel).Append(chunks())
+            try:
+                with grpc.insecure_channel(s.target) as channel:
+                    pb_grpc.LensServeStub(channel).Append(chunks())
+            finally:
+                ended.set()
 
         with pytest.raises(grpc.RpcError) as caught:
             await asyncio.to_thread(upload)
