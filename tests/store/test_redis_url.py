@@ -270,6 +270,8 @@ async def test_sentinel_client_follows_a_failover(cluster: Cluster) -> None:
     replica = redis.Redis(port=cluster.replica_port, password=PASSWORD)
     try:
         await client.set("before", "1")
+        # Replication is asynchronous: kill the primary only once the replica holds the write.
+        assert await client.wait(1, 5000) == 1
         # The primary crashes. The Sentinels notice (down-after-milliseconds), agree, and promote
         # the replica; the client's next connection asks them again and must land on it. (A
         # SENTINEL FAILOVER with the old primary alive takes 10 s more: Sentinel demotes it only
