@@ -4,18 +4,16 @@ core and the multiprocessing resource tracker are its children)."""
 from __future__ import annotations
 
 import os
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.integration.server_process import START_TIMEOUT_S, start_server, wait_listening
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-START_TIMEOUT_S = 240.0  # a cold vLLM start with torch.compile takes 70-90 s on 2 cores
 EXIT_TIMEOUT_S = 5.0
 
 
@@ -55,42 +53,16 @@ def _alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
     return alive
 
 
-def _wait_listening(server: subprocess.Popen[str], log: Path) -> None:
-    assert server.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"lens-serve exited with {server.returncode}:\n{log.read_text()[-4000:]}")
-        ready, _, _ = select.select([server.stdout], [], [], 1.0)
-        if ready and server.stdout.readline().startswith("listening on"):
-            return
-    pytest.fail(f"lens-serve not listening after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.mark.timeout(START_TIMEOUT_S + 60)
 def test_sigkilled_server_leaves_no_process_behind(
     tiny_model_dir: Path, redis_url: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        "LENS_MODELS_DIR": str(tiny_model_dir.parent),
-        # Small enough for a CI machine (the defaults size a real deployment).
-        "LENS_MAX_MODEL_LEN": "2048",
-        "LENS_MAX_WC_BUDGET": "1024",
-        "LENS_WC_BUDGET": "256",
-        "LENS_TAIL": "32",
-        "LENS_KV_CACHE_GIB": "0.5",
-        "LENS_ENFORCE_EAGER": "true",
-    }
-    command = Path(sys.executable).with_name("lens-serve")  # the installed console script
-    assert command.exists(), f"{command} missing: pip install -e ."
-    argv = [str(command), "serve", "--model", "tiny", "--port", "0", "--redis-url", redis_url]
-    with log.open("w") as stderr:
-        server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    args = ["--model", "tiny", "--port", "0", "--redis-url", redis_url]
+    server = start_server(args, {"LENS_MODELS_DIR": str(tiny_model_dir.parent)}, log)
     children: set[tuple[int, str]] = set()
     try:
-        _wait_listening(server, log)
+        wait_listening(server, log)
         children = _descendants(server.pid)
         assert children, "the server runs vLLM's engine core in a child process"
         server.send_signal(signal.SIGKILL)

@@ -6,11 +6,7 @@ session keeps its one in-process vLLM engine (on `tiny`)."""
 from __future__ import annotations
 
 import inspect
-import os
-import select
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +16,10 @@ from lens_serve.client import LensClient
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gistnet import gist_config
 from tests.fixtures_redis import RedisServerFactory
+from tests.integration.server_process import START_TIMEOUT_S, start_server, wait_listening
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-START_TIMEOUT_S = 240.0  # a cold vLLM start with torch.compile takes 70-90 s on 2 cores
 STOP_TIMEOUT_S = 30.0
 BUDGET = 256
 DOCUMENT = inspect.getsource(inspect)[:6_000]  # long enough for gists under BUDGET rows
@@ -36,26 +32,11 @@ def server(
     """(address, log) of a `lens-serve serve` process on tiny-qwen, with a Redis of its own: no
     LensNet or GistNet another test published for `tiny` reaches it."""
     log = tmp_path / "server.log"
-    env = {
-        **os.environ,
-        # Small enough for a CI machine (the defaults size a real deployment).
-        "LENS_MAX_MODEL_LEN": "2048",
-        "LENS_MAX_WC_BUDGET": "1024",
-        "LENS_WC_BUDGET": str(BUDGET),
-        "LENS_TAIL": "32",
-        "LENS_KV_CACHE_GIB": "0.5",
-        "LENS_ENFORCE_EAGER": "true",
-        "LENS_DRAIN_SECONDS": "1",
-    }
-    command = Path(sys.executable).with_name("lens-serve")  # the installed console script
-    assert command.exists(), f"{command} missing: pip install -e ."
     redis_url = redis_server_factory(appendonly=False).url
-    argv = [str(command), "serve", "--model", str(tiny_qwen_model_dir), "--port", "0"]
-    argv += ["--redis-url", redis_url]
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    args = ["--model", str(tiny_qwen_model_dir), "--port", "0", "--redis-url", redis_url]
+    proc = start_server(args, {"LENS_WC_BUDGET": str(BUDGET), "LENS_DRAIN_SECONDS": "1"}, log)
     try:
-        yield _wait_listening(proc, log), log
+        yield wait_listening(proc, log), log
     finally:
         proc.terminate()
         try:
@@ -63,19 +44,6 @@ def server(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-def _wait_listening(proc: subprocess.Popen[str], log: Path) -> str:
-    """The address of the `listening on HOST:PORT` line."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"lens-serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready and (line := proc.stdout.readline()).startswith("listening on "):
-            return line.removeprefix("listening on ").strip()
-    pytest.fail(f"lens-serve not listening after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.mark.timeout(START_TIMEOUT_S + 120)
