@@ -1105,9 +1105,109 @@ class ShadowVariant(_message.Message):
 Global___ShadowVariant: _TypeAlias = ShadowVariant  # noqa: Y015
 
 @_typing.final
+class UnitInput(_message.Message):
+    """LensNet's input for one unit of the served tiling, as the server computed it: the trainer
+    rebuilds the unit's content from the embedding table and needs nothing else of the lifetime.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOD_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    PRIOR_FIELD_NUMBER: _builtins.int
+    CONTENT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    CONTENT_F16_FIELD_NUMBER: _builtins.int
+    lod: _builtins.int
+    """LOD of the unit: 0 a raw block, >= 1 a gist, -1 a recalled block."""
+    index: _builtins.int
+    """Node index at that LOD (block index for raw and recalled blocks); -1 for the trailing
+    partial block (context only, never measured).
+    """
+    prior: _builtins.float
+    """The retrieval prior's score of the unit (lens = prior + LensNet's residual)."""
+    content_f16: _builtins.bytes
+    """Otherwise (gists whose rows are not token embeddings): the content itself, float16
+    little-endian, hidden_size values.
+    """
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """LensNet's unit features (`lensnet.N_FEATURES` values, in `unit_inputs`' order)."""
+
+    @_builtins.property
+    def content_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Token ids whose mean input embedding is the unit's content (raw blocks: their tokens;
+        `tokens` gists: the tokens they show).
+        """
+
+    def __init__(
+        self,
+        *,
+        lod: _builtins.int = ...,
+        index: _builtins.int = ...,
+        features: _abc.Iterable[_builtins.float] | None = ...,
+        prior: _builtins.float = ...,
+        content_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        content_f16: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_f16", b"content_f16", "content_token_ids", b"content_token_ids", "features", b"features", "index", b"index", "lod", b"lod", "prior", b"prior"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnitInput: _TypeAlias = UnitInput  # noqa: Y015
+
+@_typing.final
+class UnitGain(_message.Message):
+    """The measured effect of changing one unit of the served tiling."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNIT_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    MEAN_NLL_FIELD_NUMBER: _builtins.int
+    FUNDING_COLLAPSES_FIELD_NUMBER: _builtins.int
+    unit: _builtins.int
+    """Position of the unit in PreferenceRecord.units."""
+    edit: _builtins.str
+    """"expand" (a gist shown as its children) or "collapse" (a raw block shown as its gist)."""
+    source: _builtins.str
+    """Why the unit was measured: "prior" (the retrieval prior's top candidates), "lens"
+    (LensNet's), or "random".
+    """
+    probability: _builtins.float
+    """Probability that `source` picked this unit: 1 for a top candidate, 1/candidates for random."""
+    mean_nll: _builtins.float
+    """Mean NLL of the target tokens after the change, nats. gain = served mean_nll - this."""
+    funding_collapses: _builtins.int
+    """Other units the change collapsed to fit the budget (an expand that did not fit otherwise)."""
+    def __init__(
+        self,
+        *,
+        unit: _builtins.int = ...,
+        edit: _builtins.str = ...,
+        source: _builtins.str = ...,
+        probability: _builtins.float = ...,
+        mean_nll: _builtins.float = ...,
+        funding_collapses: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "funding_collapses", b"funding_collapses", "mean_nll", b"mean_nll", "probability", b"probability", "source", b"source", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnitGain: _TypeAlias = UnitGain  # noqa: Y015
+
+@_typing.final
 class PreferenceRecord(_message.Message):
     """One shadow measurement (`lens:prefs` stream, field `record`). Self-contained: the trainer can
-    rebuild every variant's inputs from it alone (docs/design.md §2.5).
+    rebuild every input it learns from out of the record alone (docs/design.md §2.5). Records with
+    `units` are of bounded size whatever the session's length: they carry LensNet's inputs for the
+    served tiling and per-unit gains, not the lifetime. Older records carry the lifetime instead.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -1129,6 +1229,9 @@ class PreferenceRecord(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     QUERY_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    LIFETIME_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    UNIT_GAINS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Base model name the NLLs were measured with."""
     gistnet_version: _builtins.str
@@ -1157,6 +1260,8 @@ class PreferenceRecord(_message.Message):
     """Session the request belonged to; empty for sessionless requests."""
     policy: Global___Policy.ValueType
     """Policy that chose the served WC."""
+    lifetime: _builtins.int
+    """Tokens in the session's lifetime when the WC was chosen (records with `units`)."""
     @_builtins.property
     def lifetime_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Lifetime tokens [window_start, window_start + len) that the variants cover."""
@@ -1174,6 +1279,14 @@ class PreferenceRecord(_message.Message):
         """The query the served working context was chosen for (empty: the newest tokens, as in records
         written before this field).
         """
+
+    @_builtins.property
+    def units(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitInput]:
+        """LensNet's input for every unit of the served tiling plus the trailing partial block, in order."""
+
+    @_builtins.property
+    def unit_gains(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitGain]:
+        """Per-unit counterfactual gains: units of `units` changed one at a time."""
 
     def __init__(
         self,
@@ -1195,10 +1308,13 @@ class PreferenceRecord(_message.Message):
         session_id: _builtins.str = ...,
         policy: Global___Policy.ValueType = ...,
         query_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        lifetime: _builtins.int = ...,
+        units: _abc.Iterable[Global___UnitInput] | None = ...,
+        unit_gains: _abc.Iterable[Global___UnitGain] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "budget", b"budget", "created_at_ms", b"created_at_ms", "gist_rows", b"gist_rows", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime_token_ids", b"lifetime_token_ids", "model", b"model", "policy", b"policy", "query_token_ids", b"query_token_ids", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "tail", b"tail", "target_token_ids", b"target_token_ids", "variants", b"variants", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "budget", b"budget", "created_at_ms", b"created_at_ms", "gist_rows", b"gist_rows", "gistnet_version", b"gistnet_version", "lens_version", b"lens_version", "lifetime", b"lifetime", "lifetime_token_ids", b"lifetime_token_ids", "model", b"model", "policy", b"policy", "query_token_ids", b"query_token_ids", "request_id", b"request_id", "seed", b"seed", "session_id", b"session_id", "tail", b"tail", "target_token_ids", b"target_token_ids", "unit_gains", b"unit_gains", "units", b"units", "variants", b"variants", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
