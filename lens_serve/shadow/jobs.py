@@ -9,6 +9,7 @@ from typing import Literal
 
 import numpy as np
 
+from lens_serve import tracing
 from lens_serve.core.context import Tiling, WorkingContext
 from lens_serve.core.policies import ContextChooser
 from lens_serve.core.tree import LifetimeTree
@@ -27,6 +28,7 @@ class ShadowJob:
     tail: int
     chooser: ContextChooser
     query: np.ndarray | None = None  # (Q,) what the served WC was chosen for; None: newest tokens
+    trace: tracing.Parent | None = None  # the request's span: the shadow span's parent
 
 
 def build_job(
@@ -73,4 +75,5 @@ def build_job(
         tail=tail,
         chooser=chooser,
         query=None if query is None else np.asarray(query, dtype=np.int64),
+        trace=tracing.current(),
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from redis.exceptions import RedisError
 
-from lens_serve import log, metrics
+from lens_serve import log, metrics, tracing
 from lens_serve.core.assembly import assemble
 from lens_serve.core.context import WorkingContext, coarsest_tiling, fill_newest_first
 from lens_serve.core.lensnet import tiling_query_match
@@ -90,7 +90,10 @@ class ShadowScorer:
         while True:
             job = await self._queue.get()
             # The job's log lines name the request it shadows.
-            with log.request_context(job.request_id, job.session_id):
+            with (
+                log.request_context(job.request_id, job.session_id),
+                tracing.span("shadow", parent=job.trace, policy=job.policy),
+            ):
                 await self._run_job(job)
 
     async def _run_job(self, job: ShadowJob) -> None:
