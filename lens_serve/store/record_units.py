@@ -14,7 +14,7 @@ import torch
 
 from lens_serve.core.context import Tiling
 from lens_serve.core.embedding import EmbeddingTable
-from lens_serve.core.lensnet import N_FEATURES, UnitInputs, unit_inputs
+from lens_serve.core.lensnet import N_FEATURES, UnitInputs
 from lens_serve.core.tree import LifetimeTree
 from lens_serve.v1 import lens_serve_pb2 as pb
 
@@ -27,14 +27,10 @@ class UnitRecordError(ValueError):
 
 
 def encode_units(
-    tree: LifetimeTree,
-    tiling: Tiling,
-    tail: int,
-    query: np.ndarray | None,
-    prior: np.ndarray,
+    tree: LifetimeTree, tiling: Tiling, inputs: UnitInputs, prior: np.ndarray
 ) -> list[pb.UnitInput]:
-    """One UnitInput per LensNet input of `tiling` (units, then the partial block). prior: (U,)."""
-    inputs = unit_inputs(tree, tiling, tail, query)  # U' = units (+ partial block)
+    """One UnitInput per LensNet input of `tiling` (units, then the partial block): `inputs` is
+    `unit_inputs(tree, tiling, ...)`, prior (U,) the retrieval prior of its units."""
     features = inputs.features.numpy()  # (U', F)
     token_gists = tree.gistnet.config.kind == "tokens"
     b = tree.block_size
