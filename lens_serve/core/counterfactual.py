@@ -26,6 +26,13 @@ class UnitChoice:
     random_units: int = 2
     """Units measured uniformly at random among the other legal edits."""
 
+    @classmethod
+    def split(cls, units: int) -> UnitChoice:
+        """`units` measured per request: half by the prior, a quarter by LensNet, the rest at
+        random."""
+        prior, lens = units // 2, units // 4
+        return cls(prior, lens, units - prior - lens)
+
     @property
     def total(self) -> int:
         return self.prior_units + self.lens_units + self.random_units

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from lens_serve import metrics
 from lens_serve.assets.model_dirs import resolve_model
 from lens_serve.core.allocator import FocusConfig
+from lens_serve.core.counterfactual import UnitChoice
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gistnet import GistNet, build_gistnet, gist_config
 from lens_serve.core.tree import LifetimeTree
@@ -72,9 +73,9 @@ def assemble_service(
             ShadowConfig(
                 rate=settings.shadow_rate,
                 queue_size=settings.shadow_queue,
+                units=UnitChoice.split(settings.shadow_units),
                 random_variants=settings.shadow_variants,
                 guided_share=settings.shadow_guided_share,
-                max_lifetime=settings.shadow_max_lifetime,
                 seed=settings.lens_seed,
             ),
             model=settings.model,

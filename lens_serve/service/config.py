@@ -129,14 +129,16 @@ class Settings(BaseSettings):
     """What shadow variants are scored on: the completion, or the prompt's last tokens held out."""
     shadow_target_tokens: int = Field(32, ge=1)
     """prompt target: how many of the prompt's last tokens are held out."""
-    shadow_variants: int = Field(4, ge=0)
-    """Random variants of the served working context per shadow job."""
+    shadow_units: int = Field(8, ge=0)
+    """Units of the served working context changed one at a time and measured per shadow job:
+    half the retrieval prior's top candidates, a quarter LensNet's, the rest at random."""
+    shadow_variants: int = Field(0, ge=0)
+    """Random multi-edit variants of the served working context per shadow job, measured for
+    comparison only (the trainer learns from the per-unit gains)."""
     shadow_guided_share: float = Field(0.5, ge=0, le=1)
     """Share of a random edit's probability drawn toward spans that match the query (0: uniform)."""
     shadow_queue: int = Field(64, ge=1)
     """Shadow jobs waiting at most; more are dropped and counted."""
-    shadow_max_lifetime: int = Field(65_536, ge=1)
-    """Requests over longer lifetimes are not sampled (a record carries the whole lifetime)."""
     prefs_maxlen: int = Field(100_000, ge=1)
     """Approximate cap on the lens:prefs stream (XADD MAXLEN ~)."""
     lens_poll_seconds: float = Field(1.0, gt=0)

@@ -385,7 +385,7 @@ class LensService:
     ) -> None:
         """Leave a shadow job for a sampled request (cheap; the work happens in the background)."""
         wc = prepared.view.working_context
-        if self.shadow is None or not self.shadow.wants(wc.lifetime):
+        if self.shadow is None or not self.shadow.wants():
             return
         job = build_job(
             request_id=request_id,

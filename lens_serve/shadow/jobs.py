@@ -14,6 +14,10 @@ from lens_serve.core.context import Tiling, WorkingContext
 from lens_serve.core.policies import ContextChooser
 from lens_serve.core.tree import LifetimeTree
 
+MAX_TARGET_TOKENS = 256
+"""A completion target is its first tokens at most: the record (which keeps each variant's
+per-token NLLs) stays bounded however long the answer."""
+
 
 @dataclass(frozen=True)
 class ShadowJob:
@@ -54,12 +58,14 @@ def build_job(
     prompt's last `target_tokens` tokens, and the worker chooses the WC over what precedes them."""
     lifetime = tree.tokens(0, served.lifetime).copy()
     wc: WorkingContext | None = served
-    target_ids = list(completion)
+    target_ids = list(completion[:MAX_TARGET_TOKENS])
     if target == "prompt":
         held_out = min(target_tokens, len(prompt) - 1)
         if held_out < 1:
             return None
         lifetime, target_ids = lifetime[:-held_out], lifetime[-held_out:].tolist()
+        if query is not None and list(query[-held_out:]) == target_ids:
+            query = query[:-held_out]  # the prompt was the query: it must not hold the answer
         wc, served_tiling = None, None  # re-chosen over the shorter lifetime in the worker
     if not target_ids:
         return None

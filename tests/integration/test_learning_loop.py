@@ -13,10 +13,12 @@ import pytest_asyncio
 import torch
 from prometheus_client import REGISTRY
 
+from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.engine.vllm import VllmEngine
 from lens_serve.store import registry
 from lens_serve.store.preferences import PREFS_STREAM, decode_record, tiling_from_spec
+from lens_serve.store.record_units import decode_units
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.integration.serving_fixtures import Stack, serving_stack
 from tests.integration.test_serving import DOCUMENT
@@ -55,7 +57,9 @@ async def _serving_version(stack: Stack, version: str, limit_s: float = 10.0) ->
     raise AssertionError(f"server still runs {stack.service.weights.version}, not {version}")
 
 
-async def test_shadow_records_appear_in_redis_and_decode(stack: Stack) -> None:
+async def test_shadow_records_appear_in_redis_and_decode(
+    stack: Stack, tiny_model_dir: Path
+) -> None:
     session = await stack.stub.CreateSession(pb.CreateSessionRequest())
 
     async def chunks() -> AsyncIterator[pb.AppendRequest]:
@@ -73,8 +77,12 @@ async def test_shadow_records_appear_in_redis_and_decode(stack: Stack) -> None:
     kinds = [v.kind for v in record.variants]
     assert kinds[0] == "served" and "random" in kinds and "recency" in kinds
     assert record.lens_version == usage.lens_version and record.session_id == session.session_id
-    assert len(record.lifetime_token_ids) == usage.lifetime_tokens
+    assert record.lifetime == usage.lifetime_tokens and not record.lifetime_token_ids
     assert len(record.target_token_ids) == usage.completion_tokens
+    # LensNet's inputs for the served tiling, and one-unit changes of it measured through vLLM.
+    inputs, _ = decode_units(list(record.units), EmbeddingTable.from_checkpoint(tiny_model_dir))
+    assert len(inputs) == len(record.units) > 0
+    assert record.unit_gains and all(g.mean_nll > 0 for g in record.unit_gains)
     for variant in record.variants:
         assert variant.mean_nll > 0 and len(variant.token_nll) == len(record.target_token_ids)
     served = tiling_from_spec(

@@ -18,8 +18,10 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from lens_serve.core.counterfactual import UnitChoice
 from lens_serve.core.embedding import EmbeddingTable
 from lens_serve.core.gistnet import GistNet, GistNetConfig, build_gistnet
+from lens_serve.core.lensnet import unit_inputs
 from lens_serve.core.policies import Choice, ContextChooser
 from lens_serve.core.tree import LifetimeTree
 from lens_serve.shadow.jobs import ShadowJob, build_job
@@ -31,6 +33,7 @@ from lens_serve.store.preferences import (
     spec_from_working_context,
     tiling_from_spec,
 )
+from lens_serve.store.record_units import decode_units
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.core_helpers import HIDDEN, VOCAB, chooser, random_table
 from tests.fakes import FakeEngine
@@ -45,8 +48,9 @@ MODEL = "fake-model"
 
 
 class ScoringEngine(FakeEngine):
-    """FakeEngine whose k-th score call (from 0) returns logprobs -(k + 1) / 4 - i / 8 for target
-    token i (exact in float32), and records what it was asked."""
+    """FakeEngine whose logprobs say how many context rows they were given: target token i gets
+    -rows / 64 - i / 8 (exact in float32), so each variant's NLL names its context. Records what it
+    was asked."""
 
     def __init__(self, table: EmbeddingTable) -> None:
         super().__init__(table)
@@ -59,11 +63,14 @@ class ScoringEngine(FakeEngine):
         request_id: str,
         priority: int = 0,
     ) -> list[float]:
-        k = len(self.calls)
-        self.calls.append(
-            (int(context_embeds.shape[0]), list(continuation_ids), request_id, priority)
-        )
-        return [-(k + 1) / 4 - i / 8 for i in range(len(continuation_ids))]
+        rows = int(context_embeds.shape[0])
+        self.calls.append((rows, list(continuation_ids), request_id, priority))
+        return [-rows / 64 - i / 8 for i in range(len(continuation_ids))]
+
+
+def nll_of(rows: int, targets: int) -> float:
+    """ScoringEngine's mean NLL after `rows` context rows."""
+    return sum(rows / 64 + i / 8 for i in range(targets)) / targets
 
 
 class Parts:
@@ -211,6 +218,22 @@ def test_build_job_holds_out_prompt_tail_when_target_is_prompt(parts: Parts) -> 
     assert job.served is None and job.served_tiling is None
 
 
+def test_build_job_drops_held_out_answer_from_query_when_prompt_was_the_query(
+    parts: Parts,
+) -> None:
+    choice = parts.choice()
+    assert choice.focus is not None
+    prompt = parts.tokens[-PROMPT_LEN:].tolist()
+    job = build_job(
+        request_id="r", session_id="s", policy="lens", tree=parts.tree,
+        served=choice.working_context, served_tiling=choice.focus.tiling, prompt=prompt,
+        completion=(), budget=BUDGET, tail=TAIL, chooser=parts.chooser, target="prompt",
+        target_tokens=4, query=prompt,
+    )  # fmt: skip
+    assert job is not None and job.query is not None
+    assert job.query.tolist() == prompt[:-4]  # BM25 must not find the fact by the answer itself
+
+
 def test_build_job_holds_out_all_but_first_prompt_token_when_target_tokens_exceed(
     parts: Parts,
 ) -> None:
@@ -223,29 +246,19 @@ def test_build_job_holds_out_all_but_first_prompt_token_when_target_tokens_excee
 # -- wants -------------------------------------------------------------------------------------
 
 
-def scorer_with(
-    parts: Parts, redis: Redis, rate: float, seed: int, max_lifetime: int = 65_536
-) -> ShadowScorer:
-    config = ShadowConfig(rate=rate, seed=seed, max_lifetime=max_lifetime)
+def scorer_with(parts: Parts, redis: Redis, rate: float, seed: int) -> ShadowScorer:
+    config = ShadowConfig(rate=rate, seed=seed)
     return parts.scorer(FakeEngine(parts.table), redis, config)
 
 
 async def test_wants_never_when_rate_is_zero(parts: Parts, redis_client: Redis) -> None:
     scorer = scorer_with(parts, redis_client, rate=0.0, seed=1)
-    assert not any(scorer.wants(n) for n in range(1, 1001))
+    assert not any(scorer.wants() for _ in range(1000))
 
 
-async def test_wants_always_when_rate_is_one_and_lifetime_within_max(
-    parts: Parts, redis_client: Redis
-) -> None:
-    scorer = scorer_with(parts, redis_client, rate=1.0, max_lifetime=500, seed=1)
-    assert all(scorer.wants(n) for n in (0, 1, 100, 499, 500))
-    assert all(scorer.wants(500) for _ in range(1000))
-
-
-async def test_wants_never_when_lifetime_exceeds_max(parts: Parts, redis_client: Redis) -> None:
-    scorer = scorer_with(parts, redis_client, rate=1.0, max_lifetime=500, seed=1)
-    assert not any(scorer.wants(n) for n in (501, 1000, 10**9))
+async def test_wants_always_when_rate_is_one(parts: Parts, redis_client: Redis) -> None:
+    scorer = scorer_with(parts, redis_client, rate=1.0, seed=1)
+    assert all(scorer.wants() for _ in range(1000))
 
 
 async def test_wants_follows_seeded_draws_when_rate_is_fractional(
@@ -254,7 +267,7 @@ async def test_wants_follows_seeded_draws_when_rate_is_fractional(
     decisions = [
         [scorer_with(parts, redis_client, rate=0.3, seed=seed) for _ in range(2)] for seed in (7, 8)
     ]
-    runs = [[[s.wants(100) for _ in range(400)] for s in pair] for pair in decisions]
+    runs = [[[s.wants() for _ in range(400)] for s in pair] for pair in decisions]
     for seed, (first, second) in zip((7, 8), runs, strict=True):
         draws = random.Random(seed)
         assert first == [draws.random() < 0.3 for _ in range(400)]
@@ -308,9 +321,9 @@ async def test_run_writes_one_record_with_all_variants_when_given_one_job(
         TAIL,
         BUDGET,
     )
-    assert list(record.lifetime_token_ids) == parts.tokens.tolist()
+    assert record.lifetime == LIFETIME and not record.lifetime_token_ids  # bounded: no lifetime
     assert list(record.target_token_ids) == COMPLETION
-    assert record.window_start == 0 and record.created_at_ms > 0
+    assert record.created_at_ms > 0
 
     kinds = [v.kind for v in record.variants]
     # served first, then the random edits, then the baselines other than the served policy
@@ -328,16 +341,13 @@ async def test_run_writes_one_record_with_all_variants_when_given_one_job(
         wc = parts.choice(policy=policy).working_context
         assert variant.spec == spec_from_working_context(wc)
 
-    # One engine call per variant, in order, at shadow priority, on the record's target.
-    assert len(engine.calls) == len(kinds)
-    assert engine.calls[0][0] == served.rows
+    # One engine call per variant and per measured unit, at shadow priority, on the target.
+    assert len(engine.calls) == len(kinds) + len(record.unit_gains)
     assert all(call[1] == COMPLETION and call[3] == SHADOW_PRIORITY for call in engine.calls)
-    assert len({call[2] for call in engine.calls}) == len(kinds)
+    assert len({call[2] for call in engine.calls}) == len(engine.calls)
     assert all(call[2].startswith("shadow-") for call in engine.calls)
-    for k, variant in enumerate(record.variants):
-        expected = [(k + 1) / 4 + i / 8 for i in range(len(COMPLETION))]
-        assert list(variant.token_nll) == expected
-        assert variant.mean_nll == pytest.approx(sum(expected) / len(expected))
+    for variant in record.variants:  # each NLL is the one measured after that variant's rows
+        assert variant.mean_nll == pytest.approx(nll_of(wc_rows(variant.spec), len(COMPLETION)))
 
     signatures = {v.spec.SerializeToString() for v in record.variants[:-nb]}
     assert len(signatures) == len(kinds) - nb  # no random variant repeats another or the served
@@ -351,6 +361,79 @@ async def test_run_writes_one_record_with_all_variants_when_given_one_job(
         assert variant.log_prob == pytest.approx(sum(math.log(p) for p in probs))
         tiling = tiling_from_spec(variant.spec, LIFETIME, BLOCK, 1)
         assert tiling is not None and tiling.rows <= BUDGET
+
+
+def wc_rows(spec: pb.WorkingContextSpec) -> int:
+    """Rows of a working context given as spans (gists take one row, no frame here)."""
+    return sum(
+        s.end - s.start if s.lod == 0 else (s.end - s.start) // BLOCK**s.lod for s in spec.spans
+    )
+
+
+async def test_run_records_lensnet_inputs_and_one_unit_gains_of_served_tiling(
+    parts: Parts, redis_client: Redis, running: list[asyncio.Task[None]]
+) -> None:
+    engine = ScoringEngine(parts.table)
+    scorer = parts.scorer(engine, redis_client)
+    scorer.submit(some_job(parts))
+    start(scorer, running)
+    await asyncio.wait_for(scorer.drain(), 30)
+    (record,) = await stored_records(redis_client)
+
+    focus = parts.choice().focus
+    assert focus is not None
+    tiling = focus.tiling
+    expected = unit_inputs(parts.tree, tiling, TAIL)
+    inputs, prior = decode_units(list(record.units), parts.table)
+    assert [(u.lod, u.index) for u in record.units[: len(tiling.units)]] == tiling.units
+    assert torch.allclose(inputs.content, expected.content)
+    assert torch.equal(inputs.lods, expected.lods)
+    assert torch.allclose(inputs.features, expected.features)
+    assert prior.shape == (len(expected),)
+
+    gains = list(record.unit_gains)
+    assert 1 <= len(gains) <= UnitChoice().total
+    assert len({g.unit for g in gains}) == len(gains)  # each unit measured once
+    for gain in gains:
+        lod = tiling.units[gain.unit][0]
+        assert gain.edit == ("expand" if lod >= 1 else "collapse")
+        assert gain.source in ("prior", "lens", "random") and 0 < gain.probability <= 1
+        # Its NLL is the one measured after the changed tiling's rows (a collapse frees B - 1).
+        if gain.edit == "collapse":
+            assert gain.mean_nll == pytest.approx(
+                nll_of(tiling.rows - (BLOCK - 1), len(COMPLETION))
+            )
+            assert gain.funding_collapses == 0
+
+
+async def test_run_record_size_follows_budget_not_lifetime(
+    parts: Parts, redis_client: Redis, running: list[asyncio.Task[None]]
+) -> None:
+    long_tokens = np.random.default_rng(2).integers(0, VOCAB, 20_000)
+    parts.tokens, parts.tree = long_tokens, parts.make_tree(long_tokens)
+    scorer = parts.scorer(ScoringEngine(parts.table), redis_client)
+    scorer.submit(some_job(parts))
+    start(scorer, running)
+    await asyncio.wait_for(scorer.drain(), 30)
+    (record,) = await stored_records(redis_client)
+    assert record.lifetime == 20_000
+    assert len(record.units) <= BUDGET + 1  # one per unit of a WC of BUDGET rows (+ partial)
+    content_ids = sum(len(u.content_token_ids) for u in record.units)
+    assert content_ids <= BUDGET + BLOCK  # the WC's rows: raw tokens and gist rows
+    assert record.ByteSize() < 8 * 1024  # 20k tokens alone would take 40 KB as ids
+
+
+async def test_run_drops_and_counts_record_when_over_max_record_bytes(
+    parts: Parts, redis_client: Redis, running: list[asyncio.Task[None]]
+) -> None:
+    config = ShadowConfig(rate=1.0, max_record_bytes=100, seed=3)
+    scorer = parts.scorer(ScoringEngine(parts.table), redis_client, config)
+    before = dropped("too_large")
+    worker = start(scorer, running)
+    scorer.submit(some_job(parts))
+    await asyncio.wait_for(scorer.drain(), 30)
+    assert dropped("too_large") == before + 1
+    assert await stored_records(redis_client) == [] and not worker.done()
 
 
 async def test_run_uses_fake_engine_logprobs_when_scoring(
@@ -376,7 +459,7 @@ async def test_run_chooses_served_wc_over_shortened_lifetime_when_target_is_prom
     await asyncio.wait_for(scorer.drain(), 30)
     (record,) = await stored_records(redis_client)
     short = parts.tokens[:-4]
-    assert list(record.lifetime_token_ids) == short.tolist()
+    assert record.lifetime == len(short)
     assert list(record.target_token_ids) == parts.tokens[-4:].tolist()
     served = parts.choice(parts.make_tree(short)).working_context
     assert served.lifetime == LIFETIME - 4
