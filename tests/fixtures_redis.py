@@ -2,6 +2,7 @@
 
 `redis_url`: one server per test session; `redis_client`: a per-test async client that flushes the
 database afterwards; `redis_server_factory`: extra, independent, restartable servers (AOF on).
+`make_tls_files`: a throwaway certificate for TLS servers (`redis-server --tls-port`).
 """
 
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -189,3 +191,31 @@ def redis_server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
         yield factory
     finally:
         factory.stop_all()
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files of a self-signed certificate for 127.0.0.1 and localhost. It is its own CA, so
+    `cert` serves as the server's certificate, the CA file that verifies it, and a client
+    certificate that the same CA file accepts."""
+
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path, name: str = "tls") -> TLSFiles:
+    """Writes `<name>.crt` and `<name>.key` (one day, P-256: quick to make) with the openssl
+    binary; skips the test without it (like tests/service/test_server.py)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl binary")
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"),
+            *("-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert)),
+            *("-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return TLSFiles(cert, key)
