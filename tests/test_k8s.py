@@ -51,6 +51,10 @@ SHUTDOWN_MARGIN_S = 10
 SLOWEST_START_S = {"gpu": 120, "cpu": 90}
 # CLI-level variables that are not Settings fields (lens_serve/tools/cli.py reads them).
 CLI_ENV = frozenset({"LENS_LOG_JSON", "LENS_LOG_LEVEL"})
+# The namespace the NetworkPolicies admit metrics scrapes from (Prometheus').
+MONITORING_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}
+# The API group of the Prometheus operator's objects (components/monitoring).
+MONITORING_GROUP = "monitoring.coreos.com"
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class Variant:
     external_redis: bool = False
     tls: bool = False
     model_pvc: bool = False
+    monitoring: bool = False
 
 
 VARIANTS = (
@@ -81,6 +86,9 @@ VARIANTS = (
     ),
     Variant("cpu-dev+external-redis", "overlays/cpu-dev", ("external-redis",), external_redis=True),
     Variant("gpu+model-pvc", "overlays/gpu", ("model-pvc",), gpu=True, model_pvc=True),
+    # Prometheus operator objects (components/monitoring), with every overlay.
+    Variant("gpu+monitoring", "overlays/gpu", ("monitoring",), gpu=True, monitoring=True),
+    Variant("cpu-dev+monitoring", "overlays/cpu-dev", ("monitoring",), monitoring=True),
 )
 VARIANT_IDS = [v.name for v in VARIANTS]
 
@@ -350,6 +358,16 @@ def _server_config(r: Rendered) -> dict[str, str]:
     return r.configmap_for("lens-serve-config")
 
 
+def _trainer_metrics_port(r: Rendered) -> int:
+    trainer = _container(r.workload(TRAINER), "lens-trainer")
+    env = {e["name"]: e for e in trainer["env"]}
+    return int(env["LENS_TRAINER_METRICS_PORT"]["value"])
+
+
+def _is_monitoring(obj: Obj) -> bool:
+    return str(obj["apiVersion"]).startswith(f"{MONITORING_GROUP}/")
+
+
 def _probe_budget_s(probe: Obj) -> int:
     period = int(probe.get("periodSeconds", 10))
     threshold = int(probe.get("failureThreshold", 3))
@@ -366,6 +384,9 @@ def test_manifests_validate_against_kubernetes_schemas(
     errors: list[str] = []
     for obj in rendered.objects:
         what = f"{obj['kind']}/{obj['metadata']['name']}"
+        if _is_monitoring(obj):
+            # Prometheus operator CRDs: not in the Kubernetes schemas (checked below instead).
+            continue
         for version in rendered.variant.schema_versions:
             try:
                 # strict: unknown fields (typos) are errors, as with kubectl's field validation.
@@ -399,6 +420,7 @@ def test_every_component_is_deployed(rendered: Rendered) -> None:
         ("HorizontalPodAutoscaler", "lens-serve"),
         ("NetworkPolicy", "lens-serve"),
         ("NetworkPolicy", "lens-trainer"),
+        ("Service", "lens-trainer"),
     ]:
         assert rendered.has(kind, name), f"{rendered.variant.name}: no {kind}/{name}"
     in_cluster_redis = [("StatefulSet", "lens-redis"), ("Service", "lens-redis")]
@@ -471,6 +493,9 @@ def test_no_service_name_injects_a_lens_setting(rendered: Rendered) -> None:
     settings = {
         f"LENS_{f.upper()}"
         for f in _settings_fields(REPO / "lens_serve/service/config.py", "Settings")
+    } | {
+        f"LENS_TRAINER_{f.upper()}"
+        for f in _settings_fields(REPO / "trainer/config.py", "TrainerSettings")
     }
     for svc in rendered.by_kind["Service"]:
         prefix = svc["metadata"]["name"].upper().replace("-", "_")
@@ -606,6 +631,24 @@ def test_ports_are_named_and_match_the_settings(rendered: Rendered) -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == config["LENS_METRICS_PORT"]
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_trainer_serves_metrics_on_a_named_port(rendered: Rendered) -> None:
+    w = rendered.workload(TRAINER)
+    port = _trainer_metrics_port(rendered)
+    assert port > 0, "LENS_TRAINER_METRICS_PORT 0 turns the trainer's /metrics off"
+    ports = {p["name"]: p["containerPort"] for p in _container(w, "lens-trainer")["ports"]}
+    assert ports == {"metrics": port}
+    annotations = w["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # The headless Service the ServiceMonitor (and annotation-based discovery) scrapes through.
+    svc = rendered.get("Service", "lens-trainer")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert _matches(svc["spec"]["selector"], w)
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": port, "targetPort": "metrics"}]
+    assert svc["metadata"]["annotations"]["prometheus.io/port"] == str(port)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -792,8 +835,6 @@ def test_network_policies_select_real_pods(rendered: Rendered) -> None:
             if _matches(peer["podSelector"]["matchLabels"], w):
                 allowed.add(w["metadata"]["name"])
     assert allowed == {"lens-serve", "lens-trainer"}
-    # Nothing may connect to the trainer.
-    assert not rendered.get("NetworkPolicy", "lens-trainer")["spec"].get("ingress")
 
 
 def test_server_ingress_only_on_its_ports(rendered: Rendered) -> None:
@@ -803,6 +844,498 @@ def test_server_ingress_only_on_its_ports(rendered: Rendered) -> None:
     assert ports == {int(config["LENS_PORT"]), int(config["LENS_METRICS_PORT"])}
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from"), "an ingress rule without peers admits everyone"
+
+
+def test_trainer_ingress_only_metrics_from_monitoring(rendered: Rendered) -> None:
+    # Nothing connects to the trainer but Prometheus, on the trainer's metrics port, from the
+    # same namespace that may scrape the servers.
+    policy = rendered.get("NetworkPolicy", "lens-trainer")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": _trainer_metrics_port(rendered)}]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": MONITORING_NAMESPACE}}]
+    server_policy = rendered.get("NetworkPolicy", "lens-serve")
+    metrics_port = int(_server_config(rendered)["LENS_METRICS_PORT"])
+    (server_rule,) = [
+        r
+        for r in server_policy["spec"]["ingress"]
+        if {"protocol": "TCP", "port": metrics_port} in r["ports"]
+    ]
+    assert server_rule["from"] == rule["from"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Monitoring (components/monitoring): Prometheus operator objects, checked by hand because no
+# Kubernetes schema covers them, and their PromQL checked against the metrics the code exports.
+
+METRICS_SOURCES = (REPO / "lens_serve/metrics.py", REPO / "trainer/metrics.py")
+# Labels every ServiceMonitor target carries (the Prometheus operator's relabelling).
+TARGET_LABELS = frozenset(
+    {"job", "instance", "namespace", "service", "pod", "container", "endpoint"}
+)
+# Series that Prometheus itself writes for every target.
+PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+SEVERITIES = frozenset({"critical", "warning", "info"})
+# The CRDs' duration pattern (monitoring.coreos.com/v1 Duration).
+_DURATION = re.compile(r"^(0|(\d+y)?(\d+w)?(\d+d)?(\d+h)?(\d+m)?(\d+s)?(\d+ms)?)$")
+# Recording rules are named level:metric:operations (Prometheus' naming practice).
+_RECORD_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z_][a-zA-Z0-9_]*:[a-zA-Z0-9_]+$")
+_TEMPLATE_LABEL = re.compile(r"\$labels\.([a-zA-Z_][a-zA-Z0-9_]*)")
+
+# The fields these objects may use (a subset of the CRDs'; unknown fields are typos here, as the
+# strict Kubernetes validation above treats them). A dict lists the allowed keys of an object, a
+# one-element list the shape of every item; a type is a leaf of that type (`dict`: of strings).
+_LABELS: Any = dict
+_SELECTOR = {
+    "matchLabels": _LABELS,
+    "matchExpressions": [{"key": str, "operator": str, "values": [str]}],
+}
+_RELABEL = {
+    "action": str,
+    "sourceLabels": [str],
+    "separator": str,
+    "targetLabel": str,
+    "regex": str,
+    "replacement": str,
+    "modulus": int,
+}
+_ENDPOINT = {
+    "port": str,
+    "path": str,
+    "scheme": str,
+    "interval": str,
+    "scrapeTimeout": str,
+    "honorLabels": bool,
+    "relabelings": [_RELABEL],
+    "metricRelabelings": [_RELABEL],
+}
+_METADATA = {"name": str, "namespace": str, "labels": _LABELS, "annotations": _LABELS}
+_CRD_SHAPES: dict[str, Any] = {
+    "ServiceMonitor": {
+        "apiVersion": str,
+        "kind": str,
+        "metadata": _METADATA,
+        "spec": {
+            "selector": _SELECTOR,
+            "namespaceSelector": {"any": bool, "matchNames": [str]},
+            "endpoints": [_ENDPOINT],
+            "jobLabel": str,
+            "targetLabels": [str],
+            "podTargetLabels": [str],
+        },
+    },
+    "PrometheusRule": {
+        "apiVersion": str,
+        "kind": str,
+        "metadata": _METADATA,
+        "spec": {
+            "groups": [
+                {
+                    "name": str,
+                    "interval": str,
+                    "rules": [
+                        {
+                            "alert": str,
+                            "record": str,
+                            "expr": str,
+                            "for": str,
+                            "keep_firing_for": str,
+                            "labels": _LABELS,
+                            "annotations": _LABELS,
+                        }
+                    ],
+                }
+            ]
+        },
+    },
+}
+
+
+def _shape_errors(value: Any, shape: Any, where: str) -> list[str]:
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object, got {value!r}"]
+        errors = [f"{where}.{k}: unknown field" for k in value if k not in shape]
+        for key, sub in value.items():
+            if key in shape:
+                errors += _shape_errors(sub, shape[key], f"{where}.{key}")
+        return errors
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {value!r}"]
+        return [
+            e
+            for i, item in enumerate(value)
+            for e in _shape_errors(item, shape[0], f"{where}[{i}]")
+        ]
+    if shape is dict:
+        ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return [] if ok else [f"{where}: expected a map of strings, got {value!r}"]
+    return (
+        [] if isinstance(value, shape) else [f"{where}: expected {shape.__name__}, got {value!r}"]
+    )
+
+
+def _monitors(r: Rendered) -> list[Obj]:
+    return r.by_kind.get("ServiceMonitor", []) + r.by_kind.get("PodMonitor", [])
+
+
+def _rules(r: Rendered) -> list[Obj]:
+    return [rule for obj in r.by_kind.get("PrometheusRule", []) for group in obj["spec"]["groups"]
+            for rule in group["rules"]]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ExportedMetric:
+    name: str  # as written in the code
+    kind: str  # Counter, Gauge, Histogram, ...
+    labels: frozenset[str]
+
+    def series(self) -> dict[str, frozenset[str]]:
+        """The series names prometheus_client exposes for it, with the labels each carries."""
+        base = self.name.removesuffix("_total") if self.kind == "Counter" else self.name
+        out = {
+            "Counter": {f"{base}_total": self.labels, f"{base}_created": self.labels},
+            "Gauge": {base: self.labels},
+            "Histogram": {
+                f"{base}_bucket": self.labels | {"le"},
+                f"{base}_count": self.labels,
+                f"{base}_sum": self.labels,
+                f"{base}_created": self.labels,
+            },
+            "Summary": {
+                base: self.labels | {"quantile"},
+                f"{base}_count": self.labels,
+                f"{base}_sum": self.labels,
+                f"{base}_created": self.labels,
+            },
+            "Info": {f"{base}_info": self.labels},
+            "Enum": {base: self.labels | {base}},
+        }[self.kind]
+        return {k: frozenset(v) for k, v in out.items()}
+
+
+_METRIC_KINDS = frozenset({"Counter", "Gauge", "Histogram", "Summary", "Info", "Enum"})
+
+
+def _string_list(node: ast.expr, constants: dict[str, ast.expr], where: str) -> list[str]:
+    """Label names of a metric: a literal list or tuple of strings, possibly through module
+    constants and starred constants."""
+    if isinstance(node, ast.Name):
+        assert node.id in constants, f"{where}: labels {node.id} is no module constant"
+        return _string_list(constants[node.id], constants, where)
+    assert isinstance(node, ast.List | ast.Tuple), f"{where}: labels are {ast.dump(node)}"
+    out: list[str] = []
+    for item in node.elts:
+        if isinstance(item, ast.Starred):
+            out += _string_list(item.value, constants, where)
+        else:
+            assert isinstance(item, ast.Constant) and isinstance(item.value, str), where
+            out.append(item.value)
+    return out
+
+
+def _exported_metrics() -> dict[str, frozenset[str]]:
+    """Every series name the server and the trainer expose, with its labels, read from the
+    metric definitions in their source (no imports, no registry)."""
+    series: dict[str, frozenset[str]] = {}
+    for path in METRICS_SOURCES:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        constants = {
+            t.id: node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+        found = 0
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            kind = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if kind not in _METRIC_KINDS:
+                continue
+            where = f"{path.name}:{node.lineno}"
+            kwargs = {k.arg: k.value for k in node.keywords if k.arg}
+            name_node = node.args[0] if node.args else kwargs["name"]
+            assert isinstance(name_node, ast.Constant) and isinstance(name_node.value, str), where
+            prefix = []
+            for part in ("namespace", "subsystem"):
+                if part in kwargs:
+                    value = kwargs[part]
+                    assert isinstance(value, ast.Constant) and isinstance(value.value, str), where
+                    prefix.append(value.value)
+            name = "_".join([*filter(None, prefix), name_node.value])
+            label_node = node.args[2] if len(node.args) > 2 else kwargs.get("labelnames")
+            labels = _string_list(label_node, constants, where) if label_node else []
+            metric = ExportedMetric(name, kind, frozenset(labels))
+            for exposed, exposed_labels in metric.series().items():
+                assert exposed not in series, f"{where}: {exposed} is defined twice"
+                series[exposed] = exposed_labels
+            found += 1
+        assert found, f"no metric definitions found in {path}"
+    return series
+
+
+# PromQL's functions and aggregation operators (prometheus/promql/parser).
+_PROMQL_FUNCTION_NAMES = """
+    abs absent absent_over_time acos acosh asin asinh atan atanh avg_over_time ceil changes
+    clamp clamp_max clamp_min cos cosh count_over_time day_of_month day_of_week day_of_year
+    days_in_month deg delta deriv double_exponential_smoothing exp floor histogram_avg
+    histogram_count histogram_fraction histogram_quantile histogram_stddev histogram_stdvar
+    histogram_sum holt_winters hour idelta increase info irate label_join label_replace
+    last_over_time ln log10 log2 mad_over_time max_over_time min_over_time minute month pi
+    predict_linear present_over_time quantile_over_time rad rate resets round scalar sgn sin
+    sinh sort sort_by_label sort_by_label_desc sort_desc sqrt stddev_over_time stdvar_over_time
+    sum_over_time tan tanh time timestamp vector year
+"""
+PROMQL_FUNCTIONS = frozenset(_PROMQL_FUNCTION_NAMES.split())
+_PROMQL_AGGREGATION_NAMES = """
+    sum min max avg group stddev stdvar count count_values bottomk topk quantile limitk
+    limit_ratio
+"""
+PROMQL_AGGREGATIONS = frozenset(_PROMQL_AGGREGATION_NAMES.split())
+PROMQL_GROUPING = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right"})
+# Binary operators, modifiers and number literals that read like names.
+PROMQL_KEYWORDS = frozenset(
+    {"and", "or", "unless", "offset", "bool", "inf", "nan", "atan2", "start", "end"}
+)
+_PROMQL_TOKEN = re.compile(
+    r"""(?P<space>\s+)
+    |(?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
+    |(?P<range>\[[^\]]*\])
+    |(?P<number>0x[0-9a-fA-F]+|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?(?:(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*)?)
+    |(?P<ident>[a-zA-Z_:][a-zA-Z0-9_:]*)
+    |(?P<op>==|!=|>=|<=|=~|!~|[-+*/%^<>=(){},@])""",
+    re.VERBOSE,
+)
+
+
+@dataclass
+class PromQLRefs:
+    metrics: set[str] = field(default_factory=set)
+    labels: set[str] = field(default_factory=set)
+    functions: set[str] = field(default_factory=set)
+
+
+def _promql_refs(expr: str) -> PromQLRefs:
+    """The metric names, label names and functions a PromQL expression references: a lexer, not a
+    parser (promtool is not a dependency), enough to tie the rules to the code's metric names."""
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(expr):
+        match = _PROMQL_TOKEN.match(expr, pos)
+        assert match is not None, f"cannot read {expr[pos : pos + 20]!r} in {expr!r}"
+        kind = match.lastgroup
+        assert kind is not None
+        if kind != "space":
+            tokens.append((kind, match.group()))
+        pos = match.end()
+    refs = PromQLRefs()
+    depth = {"(": 0, "{": 0}
+    closing = {")": "(", "}": "{"}
+    label_list = False  # inside by (...), on (...) etc.
+    for i, (kind, text) in enumerate(tokens):
+        following = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        if kind == "op" and text in depth:
+            depth[text] += 1
+        elif kind == "op" and text in closing:
+            depth[closing[text]] -= 1
+            assert depth[closing[text]] >= 0, f"unbalanced {text} in {expr!r}"
+            label_list = label_list and text != ")"
+        elif kind != "ident":
+            continue
+        elif depth["{"] > 0 or label_list:
+            # A label matcher (name op "value") or a grouping label.
+            assert label_list or following in {"=", "!=", "=~", "!~"}, f"{text} in {expr!r}"
+            refs.labels.add(text)
+        elif text in PROMQL_GROUPING:
+            # group_left and group_right may stand without a list.
+            assert following == "(" or text.startswith("group_"), f"{text} needs labels: {expr!r}"
+            label_list = following == "("
+        elif text in PROMQL_AGGREGATIONS or text in PROMQL_FUNCTIONS:
+            refs.functions.add(text)
+        elif text in PROMQL_KEYWORDS:
+            continue
+        else:
+            assert following != "(", f"unknown PromQL function {text}() in {expr!r}"
+            refs.metrics.add(text)
+    assert depth == {"(": 0, "{": 0}, f"unbalanced brackets in {expr!r}"
+    return refs
+
+
+def test_monitoring_objects_only_with_the_component(rendered: Rendered) -> None:
+    monitoring = [o for o in rendered.objects if _is_monitoring(o)]
+    if not rendered.variant.monitoring:
+        # The base needs no Prometheus operator CRDs: `kubectl apply` would refuse these kinds.
+        assert not monitoring, [o["kind"] for o in monitoring]
+        return
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in monitoring)
+    assert kinds == [
+        ("PrometheusRule", "lens-serve"),
+        ("ServiceMonitor", "lens-serve"),
+        ("ServiceMonitor", "lens-trainer"),
+    ]
+    namespace = rendered.workload(SERVER)["metadata"]["namespace"]
+    errors: list[str] = []
+    for obj in monitoring:
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["apiVersion"] == f"{MONITORING_GROUP}/v1", what
+        errors += _shape_errors(obj, _CRD_SHAPES[obj["kind"]], what)
+        # Beside the Services they select: a ServiceMonitor without a namespaceSelector looks in
+        # its own namespace.
+        assert obj["metadata"].get("namespace") == namespace, what
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "lens-serve", what
+    assert not errors, "\n".join(errors)
+
+
+def test_service_monitors_scrape_the_metrics_ports(rendered: Rendered) -> None:
+    if not rendered.variant.monitoring:
+        return
+    expected = {
+        # workload: (container, its metrics port from the settings, job label the rules use)
+        SERVER: ("lens-serve", int(_server_config(rendered)["LENS_METRICS_PORT"]), "lens-serve"),
+        TRAINER: ("lens-trainer", _trainer_metrics_port(rendered), "lens-trainer"),
+    }
+    scraped: dict[tuple[str, str], list[str]] = {labels: [] for labels in expected}
+    for monitor in rendered.by_kind["ServiceMonitor"]:
+        name = monitor["metadata"]["name"]
+        assert "namespaceSelector" not in monitor["spec"], f"{name}: its own namespace only"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        services = [
+            svc
+            for svc in rendered.by_kind["Service"]
+            if all(svc["metadata"].get("labels", {}).get(k) == v for k, v in selector.items())
+        ]
+        # One Service per ServiceMonitor: two (lens-serve and lens-serve-headless select the same
+        # pods) would scrape every pod twice if both had the port.
+        assert len(services) == 1, f"ServiceMonitor {name} selects {len(services)} Services"
+        (svc,) = services
+        (endpoint,) = monitor["spec"]["endpoints"]
+        ports = {p["name"]: p for p in svc["spec"]["ports"]}
+        assert endpoint["port"] in ports, (
+            f"{name}: no port {endpoint['port']} on {svc['metadata']['name']}"
+        )
+        assert endpoint.get("path", "/metrics") == "/metrics"
+        assert _DURATION.match(endpoint["interval"]) and _DURATION.match(endpoint["scrapeTimeout"])
+        target_port = ports[endpoint["port"]]["targetPort"]
+        (workload,) = [w for w in rendered.workloads() if _matches(svc["spec"]["selector"], w)]
+        labels = next(labels for labels in expected if _matches(_key(labels), workload))
+        container, port, job = expected[labels]
+        named = {p["name"]: p["containerPort"] for p in _container(workload, container)["ports"]}
+        assert named[target_port] == port, f"{name}: {target_port} is not the metrics port {port}"
+        # The job label is set explicitly (the rules match on it), not left to the Service name.
+        relabel = [r for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
+        assert relabel == [{"action": "replace", "targetLabel": "job", "replacement": job}], name
+        scraped[labels].append(name)
+    # The servers and the trainer, each by exactly one ServiceMonitor.
+    assert all(len(names) == 1 for names in scraped.values()), scraped
+
+
+def test_prometheus_rules_are_well_formed(rendered: Rendered) -> None:
+    if not rendered.variant.monitoring:
+        return
+    rules = _rules(rendered)
+    groups = [g["name"] for o in rendered.by_kind["PrometheusRule"] for g in o["spec"]["groups"]]
+    assert len(groups) == len(set(groups)), groups
+    alerts = [r["alert"] for r in rules if "alert" in r]
+    assert len(alerts) == len(set(alerts)), alerts
+    records = [r["record"] for r in rules if "record" in r]
+    assert len(records) == len(set(records)), records
+    for rule in rules:
+        assert ("alert" in rule) != ("record" in rule), rule
+        assert rule["expr"].strip(), rule
+        if "record" in rule:
+            assert _RECORD_NAME.match(rule["record"]), rule["record"]
+            assert set(rule) <= {"record", "expr", "labels"}, rule
+            continue
+        name = rule["alert"]
+        assert re.fullmatch(r"[A-Z][A-Za-z0-9]+", name), name
+        assert _DURATION.match(rule["for"]) and rule["for"] != "0", f"{name}: for {rule['for']}"
+        assert rule["labels"]["severity"] in SEVERITIES, name
+        assert {"summary", "description"} <= set(rule["annotations"]), name
+        for text in rule["annotations"].values():
+            # Go templates: every {{ opens and closes.
+            assert text.count("{{") == text.count("}}"), f"{name}: {text}"
+    # What the docs promise (docs/deployment.md, "Monitoring").
+    assert {
+        "LensServeHighErrorRate",
+        "LensServeSlowTimeToFirstToken",
+        "LensNetSwapFailed",
+        "LensTrainerDown",
+        "LensTrainerConsumerLagHigh",
+    } <= set(alerts)
+    docs = (REPO / "docs/deployment.md").read_text(encoding="utf-8")
+    for alert in alerts:
+        assert f"`{alert}`" in docs, f"docs/deployment.md does not describe {alert}"
+
+
+def test_prometheus_rules_use_only_exported_metrics_and_labels(rendered: Rendered) -> None:
+    # The rules name metrics and labels by string; a renamed metric or label in the code would
+    # leave an alert that never fires. Every name must be one that lens_serve/metrics.py or
+    # trainer/metrics.py exports (histograms add _bucket/_count/_sum), one Prometheus writes
+    # (`up`), or a recording rule of the component; every label one those series carry.
+    if not rendered.variant.monitoring:
+        return
+    exported = _exported_metrics()
+    assert "lens_rpc_errors_total" in exported and "lens_trainer_steps_total" in exported
+    rules = _rules(rendered)
+    jobs = {
+        r["replacement"]
+        for m in _monitors(rendered)
+        for e in m["spec"]["endpoints"]
+        for r in e.get("relabelings", [])
+        if r.get("targetLabel") == "job"
+    }
+    records = {r["record"]: r for r in rules if "record" in r}
+    vocabulary: dict[str, frozenset[str]] = {}
+
+    def labels_of(expr: str, seen: tuple[str, ...] = ()) -> frozenset[str]:
+        """Labels the series of `expr` may carry: the targets', and those of what it reads."""
+        refs = _promql_refs(expr)
+        out = set(TARGET_LABELS)
+        for metric in refs.metrics:
+            if metric in records:
+                assert metric not in seen, f"recording rules loop through {metric}"
+                out |= labels_of(records[metric]["expr"], (*seen, metric))
+                out |= set(records[metric].get("labels", {}))
+            elif metric in exported:
+                out |= exported[metric]
+        return frozenset(out)
+
+    for rule in rules:
+        what = rule.get("alert") or rule["record"]
+        refs = _promql_refs(rule["expr"])
+        assert refs.metrics, f"{what}: reads no metric"
+        unknown = refs.metrics - set(exported) - set(records) - PROMETHEUS_SERIES
+        assert not unknown, f"{what}: {sorted(unknown)} are exported by neither metrics.py"
+        # Recording rules are read through their names; the rules check what they read.
+        vocabulary[what] = labels_of(rule["expr"])
+        stray = refs.labels - vocabulary[what]
+        assert not stray, f"{what}: labels {sorted(stray)} are on none of its series"
+        for job in re.findall(r'\bjob\s*=\s*"([^"]*)"', rule["expr"]):
+            assert job in jobs, f"{what}: job {job!r} is set by no ServiceMonitor ({jobs})"
+        if "alert" in rule:
+            texts = [*rule.get("annotations", {}).values(), *rule.get("labels", {}).values()]
+            used = {m for text in texts for m in _TEMPLATE_LABEL.findall(text)}
+            assert used <= vocabulary[what], (
+                f"{what}: templates use {sorted(used - vocabulary[what])}"
+            )
+
+
+def test_promql_reader_finds_names() -> None:
+    # The reader the rule checks rely on, on the shapes the rules use.
+    refs = _promql_refs(
+        'sum by (namespace, le) (rate(a_bucket{grpc_code!~"X|Y", job="j"}[5m] offset 1h)) '
+        "/ on (namespace) group_left b:c:rate5m > 0.5 and absent(up{job='t'}) or vector(1)"
+    )
+    assert refs.metrics == {"a_bucket", "b:c:rate5m", "up"}
+    assert refs.labels == {"namespace", "le", "grpc_code", "job"}
+    assert refs.functions == {"sum", "rate", "absent", "vector"}
+    with pytest.raises(AssertionError, match="unknown PromQL function"):
+        _promql_refs("histogramquantile(0.9, x)")
+    with pytest.raises(AssertionError, match="unbalanced"):
+        _promql_refs("sum(rate(x[5m])")
 
 
 # --------------------------------------------------------------------------------------------------
