@@ -130,10 +130,11 @@ def prompt_text(probe: Probe) -> str:
 
 
 class Haystack:
-    """Held-out essays as one token stream (cycled for long lifetimes), with sentence ends."""
+    """Essays (held-out ones unless said otherwise) as one token stream (cycled for long
+    lifetimes), with sentence ends."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        text = "\n\n".join(corpus.split(corpus.essays(), held_out=True).values())
+    def __init__(self, tokenizer: Tokenizer, held_out: bool = True) -> None:
+        text = "\n\n".join(corpus.split(corpus.essays(), held_out=held_out).values())
         self.ids = np.asarray(tokenizer.encode(text).ids, dtype=np.int64)
         vocab = tokenizer.get_vocab()
         ends = {i for token, i in vocab.items() if token.rstrip("Ċ").endswith(".")}

