@@ -6,16 +6,24 @@ from prometheus_client import Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# Calls carry go-grpc-prometheus's labels: grpc_service and grpc_method (the two parts of the path
+# /lens_serve.v1.LensServe/Generate) and grpc_code (a status name: INVALID_ARGUMENT). Calls to the
+# OpenAI-compatible endpoint have grpc_service="http", grpc_method="POST /v1/chat/completions".
+RPC_STARTED_TOTAL = Counter(
+    "lens_rpc_started_total",
+    "RPCs started (the denominator of error rates: it counts streams still running, too)",
+    ["grpc_service", "grpc_method"],
+)
 RPC_LATENCY_SECONDS = Histogram(
     "lens_rpc_latency_seconds",
     "Wall time of an RPC, by method",
-    ["method"],
+    ["grpc_service", "grpc_method"],
     buckets=_LATENCY_BUCKETS,
 )
 RPC_ERRORS_TOTAL = Counter(
     "lens_rpc_errors_total",
     "RPCs that ended in an error, by method and status code",
-    ["method", "code"],
+    ["grpc_service", "grpc_method", "grpc_code"],
 )
 RPCS_IN_FLIGHT = Gauge("lens_rpcs_in_flight", "Generate and Score calls running now")
 TIME_TO_FIRST_TOKEN_SECONDS = Histogram(

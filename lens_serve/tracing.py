@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
@@ -30,8 +31,12 @@ from lens_serve import log
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 
+logger = logging.getLogger(__name__)
+
 Parent = Context
 """A position in a trace, captured with `current` in one task to parent spans in another."""
+Span = trace.Span
+"""What `request_span` and `span` yield (INVALID_SPAN, which ignores everything, while off)."""
 
 _OFF: AbstractContextManager[trace.Span] = contextlib.nullcontext(trace.INVALID_SPAN)
 """Every span while tracing is off (INVALID_SPAN ignores attributes and statuses)."""
@@ -68,6 +73,7 @@ def configure(endpoint: str) -> None:
             "pip install 'lens-serve[tracing]'"
         ) from exc
     start(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    logger.info("tracing: spans go to %s", endpoint)
 
 
 def start(processor: SpanProcessor) -> None:
@@ -92,14 +98,11 @@ def shutdown() -> None:
     _provider, _tracer = None, None
 
 
-def enabled() -> bool:
-    return _tracer is not None
-
-
 def current() -> Parent | None:
-    """The innermost open span, for work that runs in another task (a shadow job); None when
-    tracing is off or no span is open."""
-    return _PARENT.get()
+    """The span of the call in progress, to parent work the call leaves for another task (a shadow
+    job); None when tracing is off or no call is in progress."""
+    call = _REQUEST_SPAN.get()
+    return None if call is None else trace.set_span_in_context(call)
 
 
 def request_span(

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures_models",
     "tests.fixtures_redis",
     "tests.fixtures_engine",
+    "tests.fixtures_tracing",
 ]

@@ -4,7 +4,8 @@ sessions under `/v1/lens/sessions`. lens-serve's options travel in the body's `l
 
 It mirrors the gRPC servicer and interceptor: the same bearer tokens and owners
 (`auth.authorize`), the same error map (`statuses.failure_of`, in OpenAI's error body, `param`
-naming the field) and the same metrics, labelled `METHOD /route`. No gRPC types here."""
+naming the field), the same metrics (`grpc_service` "http", `grpc_method` "METHOD /route") and
+the same spans. No gRPC types here."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lens_serve import metrics
+from lens_serve import metrics, tracing
 from lens_serve.aio import cancel_and_wait
 from lens_serve.errors import InvalidRequest, LimitExceeded, NotFound, echo
 from lens_serve.http.protocol import ChatCompletionRequest, CompletionRequest
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 STATUS_SCOPE_KEY = "lens.status"
 """Where a request's scope records the status it failed with, for `lens_rpc_errors_total`."""
+METRICS_SERVICE = "http"
+"""The `grpc_service` label of this endpoint's calls (their `grpc_method` is `METHOD /route`)."""
 _LENS_FIELDS = frozenset({"session_id", "wc_budget", "policy", "idempotency_key"})
 """Request fields that travel in the body's `lens` object."""
 _ERROR_TYPES = {
@@ -420,9 +423,10 @@ def _label(scope: Scope) -> str:
 
 
 class _Observed:
-    """ASGI middleware: times every API call (`lens_rpc_latency_seconds`), counts the failed ones
-    (`lens_rpc_errors_total`, by gRPC status name), and refuses a body over `max_body_bytes`
-    (`LimitExceeded`) before anything parses it. Paths that match no route are left alone."""
+    """ASGI middleware: counts (`lens_rpc_started_total`), times (`lens_rpc_latency_seconds`) and
+    traces every API call, counts the failed ones (`lens_rpc_errors_total`, by gRPC status name),
+    and refuses a body over `max_body_bytes` (`LimitExceeded`) before anything parses it. Paths
+    that match no route are left alone."""
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute], max_body_bytes: int) -> None:
         self._app = app
@@ -435,22 +439,29 @@ class _Observed:
             await self._app(scope, receive, send)
             return
         label = f"{scope['method']} {route.path}"
+        metrics.RPC_STARTED_TOTAL.labels(METRICS_SERVICE, label).inc()
         start = time.perf_counter()
-        try:
-            body = await self._body(receive)
-            if body is None:  # the client left while sending it
-                return
-            if len(body) > self._max_body_bytes:
-                problem = f"a request body may carry at most {self._max_body_bytes} bytes"
-                scope["route"] = route
-                await error_response(LimitExceeded("body", problem), scope)(scope, receive, send)
-                return
-            await self._app(scope, _replay(body, receive), send)
-        finally:
-            metrics.RPC_LATENCY_SECONDS.labels(label).observe(time.perf_counter() - start)
-            status = scope.get(STATUS_SCOPE_KEY)
-            if status is not None:
-                metrics.RPC_ERRORS_TOTAL.labels(label, status).inc()
+        # OpenTelemetry's HTTP server conventions: the span is named after the route.
+        attributes = {"http.request.method": scope["method"], "http.route": route.path}
+        with tracing.request_span(label, attributes, scope["headers"]) as span:
+            try:
+                body = await self._body(receive)
+                if body is None:  # the client left while sending it
+                    return
+                if len(body) > self._max_body_bytes:
+                    problem = f"a request body may carry at most {self._max_body_bytes} bytes"
+                    scope["route"] = route
+                    refusal = error_response(LimitExceeded("body", problem), scope)
+                    await refusal(scope, receive, send)
+                    return
+                await self._app(scope, _replay(body, receive), send)
+            finally:
+                elapsed = time.perf_counter() - start
+                metrics.RPC_LATENCY_SECONDS.labels(METRICS_SERVICE, label).observe(elapsed)
+                status = scope.get(STATUS_SCOPE_KEY)
+                if status is not None:
+                    metrics.RPC_ERRORS_TOTAL.labels(METRICS_SERVICE, label, status).inc()
+                    tracing.set_failed(span, status)
 
     def _route(self, scope: Scope) -> APIRoute | None:
         if scope["type"] != "http":

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     """Redis for sessions, preferences and weights; empty starts a private redis-server."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Prometheus /metrics port; 0 disables the endpoint."""
+    otel_endpoint: str = ""
+    """OpenTelemetry collector (OTLP/gRPC, e.g. http://otel-collector:4317) to send a span per call
+    to, with choose_wc, engine and shadow spans under it; empty: tracing off. The standard OTEL_*
+    variables tune the exporter and sampler (docs/deployment.md, "Tracing")."""
     http_port: int = Field(0, ge=0, le=65535)
     """OpenAI-compatible HTTP port (/v1/models, /v1/completions, /v1/chat/completions) on `host`,
     beside gRPC, with the same tokens, limits and TLS; 0 disables it."""

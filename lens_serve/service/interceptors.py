@@ -1,6 +1,6 @@
-"""The one server interceptor: per RPC it authorizes the caller, times the call, and maps errors to
-gRPC status codes. This is the only place that turns exceptions into statuses, so servicers and
-domain code just raise `LensError`s.
+"""The one server interceptor: per RPC it authorizes the caller, times and traces the call, and maps
+errors to gRPC status codes. This is the only place that turns exceptions into statuses, so
+servicers and domain code just raise `LensError`s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import (
     Callable,
     Iterable,
 )
-from contextlib import aclosing
+from contextlib import AbstractContextManager, aclosing
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -26,7 +27,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from lens_serve import metrics
+from lens_serve import metrics, tracing
 from lens_serve.errors import InvalidRequest
 from lens_serve.service import auth
 from lens_serve.service.config import Settings
@@ -43,6 +44,21 @@ _PASS_THROUGH: tuple[type[BaseException], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class _Method:
+    """A method, as the auth rules and the error log name it (`path`) and as metrics and traces
+    label it (`service`, `name`)."""
+
+    path: str  # /lens_serve.v1.LensServe/Generate
+    service: str  # lens_serve.v1.LensServe
+    name: str  # Generate
+
+    @classmethod
+    def of(cls, path: str) -> _Method:
+        service, _, name = path.removeprefix("/").rpartition("/")
+        return cls(path, service, name)
+
+
 class _Outcome:
     """The status an RPC ended with, as far as the interceptor can see it."""
 
@@ -56,8 +72,9 @@ class _Outcome:
 
 class LensInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler (all four arities) so that, in the RPC's own task, the caller is
-    authorized (`auth.current_owner()` works in the handler), the call is timed
-    (`lens_rpc_latency_seconds`), and errors become statuses (counted in `lens_rpc_errors_total`):
+    authorized (`auth.current_owner()` works in the handler), the call is counted
+    (`lens_rpc_started_total`), timed (`lens_rpc_latency_seconds`) and traced (its span, when
+    tracing is on), and errors become statuses (counted in `lens_rpc_errors_total`):
     `grpc.aio.AbortError` and `asyncio.CancelledError` are re-raised as they are, every other error
     gets the status `statuses.failure_of` gives it (the map the HTTP endpoint shares).
     """
@@ -75,7 +92,7 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return None
-        method = handler_call_details.method
+        method = _Method.of(handler_call_details.method)
         if handler.request_streaming and handler.response_streaming:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
         elif handler.request_streaming:
@@ -99,55 +116,80 @@ class LensInterceptor(grpc.aio.ServerInterceptor):
         )
 
     def _wrap_coroutine(
-        self, method: str, behavior: Callable[..., Any]
+        self, method: _Method, behavior: Callable[..., Any]
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             outcome = _counted(method, context)
             start = time.perf_counter()
-            try:
-                self._authorize(method, context)
-                result = behavior(_checked(request), context)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            except _PASS_THROUGH as exc:
-                outcome.code = _pass_through_code(exc, context)
-                raise
-            except Exception as exc:
-                await _abort(exc, method, context, outcome)
-            finally:
-                outcome.ended = True
-                metrics.RPC_LATENCY_SECONDS.labels(method).observe(time.perf_counter() - start)
+            with _span(method, context) as span:
+                try:
+                    self._authorize(method, context)
+                    result = behavior(_checked(request), context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                    return result
+                except _PASS_THROUGH as exc:
+                    outcome.code = _pass_through_code(exc, context)
+                    raise
+                except Exception as exc:
+                    await _abort(exc, method, context, outcome)
+                finally:
+                    outcome.ended = True
+                    _finish(method, start, span, outcome.code or _context_code(context))
 
         return wrapper
 
     def _wrap_generator(
-        self, method: str, behavior: Callable[..., Any]
+        self, method: _Method, behavior: Callable[..., Any]
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]:
         async def wrapper(
             request: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             outcome = _counted(method, context)
             start = time.perf_counter()
-            try:
-                self._authorize(method, context)
-                async with aclosing(relay(behavior(_checked(request), context))) as responses:
-                    async for response in responses:
-                        yield response
-            except _PASS_THROUGH as exc:
-                outcome.code = _pass_through_code(exc, context)
-                raise
-            except Exception as exc:
-                await _abort(exc, method, context, outcome)
-            finally:
-                outcome.ended = True
-                metrics.RPC_LATENCY_SECONDS.labels(method).observe(time.perf_counter() - start)
+            with _span(method, context) as span:
+                try:
+                    self._authorize(method, context)
+                    async with aclosing(relay(behavior(_checked(request), context))) as responses:
+                        async for response in responses:
+                            yield response
+                except _PASS_THROUGH as exc:
+                    outcome.code = _pass_through_code(exc, context)
+                    raise
+                except Exception as exc:
+                    await _abort(exc, method, context, outcome)
+                finally:
+                    outcome.ended = True
+                    _finish(method, start, span, outcome.code or _context_code(context))
 
         return wrapper
 
-    def _authorize(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        owner = auth.authorize(method, context.invocation_metadata(), self._settings)
+    def _authorize(self, method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        owner = auth.authorize(method.path, context.invocation_metadata(), self._settings)
         auth.bind_owner(owner)
+
+
+def _span(
+    method: _Method, context: grpc.aio.ServicerContext[Any, Any]
+) -> AbstractContextManager[tracing.Span]:
+    """The call's span (OpenTelemetry's RPC conventions), continuing the caller's trace."""
+    attributes = {"rpc.system": "grpc", "rpc.service": method.service, "rpc.method": method.name}
+    name = f"{method.service}/{method.name}"
+    return tracing.request_span(name, attributes, context.invocation_metadata() or ())
+
+
+def _finish(
+    method: _Method, start: float, span: tracing.Span, code: grpc.StatusCode | None
+) -> None:
+    """Time the call and give its span the status it ended with (as far as it is known here:
+    `_counted` has the last word for the metrics)."""
+    metrics.RPC_LATENCY_SECONDS.labels(method.service, method.name).observe(
+        time.perf_counter() - start
+    )
+    code = code or grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        tracing.set_failed(span, code.name)
 
 
 class _Undecodable:
@@ -225,13 +267,13 @@ def _pass_through_code(
 
 async def _abort(
     exc: Exception,
-    method: str,
+    method: _Method,
     context: grpc.aio.ServicerContext[Any, Any],
     outcome: _Outcome,
 ) -> NoReturn:
     """Aborts the call (raises grpc.aio.AbortError) with the status the one error map gives, and
     its `google.rpc.Status` details (`status_details`) in the trailers."""
-    failure = failure_of(exc, method, logger)
+    failure = failure_of(exc, method.path, logger)
     code = grpc.StatusCode[failure.status]
     outcome.code = code
     await context.abort_with_status(rpc_status.to_status(status_details(failure)))
@@ -267,14 +309,15 @@ def _context_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCod
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def _counted(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Outcome:
-    """The call's outcome, counted in `lens_rpc_errors_total` exactly once, when gRPC reports the
-    call done.
+def _counted(method: _Method, context: grpc.aio.ServicerContext[Any, Any]) -> _Outcome:
+    """Counts the call started (`lens_rpc_started_total`), and returns its outcome, which is
+    counted in `lens_rpc_errors_total` exactly once, when gRPC reports the call done.
 
     Not when the handler unwinds: a stream cancelled while gRPC was sending one of its responses is
     abandoned mid-stream, and gRPC leaves closing it (GeneratorExit) to the garbage collector:
     before or after the call is done, or much later. (`context.cancelled()` does not help: it
     reports only a CANCELLED status the server set itself.)"""
+    metrics.RPC_STARTED_TOTAL.labels(method.service, method.name).inc()
     outcome = _Outcome()
 
     def count(_: object) -> None:
@@ -285,7 +328,7 @@ def _counted(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> _Outco
         else:  # a handler may also end a call with context.set_code() and a normal return
             code = _context_code(context)
         if code is not None and code is not grpc.StatusCode.OK:
-            metrics.RPC_ERRORS_TOTAL.labels(method, code.name).inc()
+            metrics.RPC_ERRORS_TOTAL.labels(method.service, method.name, code.name).inc()
 
     # The stubs type the callback as a class of their own; gRPC calls it with the context.
     context.add_done_callback(count)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lens_serve import log, metrics
+from lens_serve import log, metrics, tracing
 from lens_serve.aio import cancel_and_wait
 from lens_serve.core.allocator import FocusState
 from lens_serve.core.assembly import assemble
@@ -239,54 +239,55 @@ class LensService:
                 cached_rows = 0
                 first_token_at = 0.0
                 metrics.PROMPT_TOKENS_TOTAL.inc(len(prompt))
-                async for chunk in self.engine.generate(prepared.embeds, params, request_id):
-                    if not completion and chunk.token_ids:
-                        first_token_at = time.monotonic()
-                        metrics.TIME_TO_FIRST_TOKEN_SECONDS.observe(first_token_at - arrived)
-                    completion += chunk.token_ids
-                    metrics.GENERATION_TOKENS_TOTAL.inc(len(chunk.token_ids))
-                    cached_rows = max(cached_rows, chunk.cached_rows)
-                    if chunk.finish_reason is None:
-                        yield GenerateEvent(
-                            request_id, chunk.text, chunk.token_ids, logprobs=chunk.logprobs
-                        )
-                        continue
-                    if sid and completion:
-                        once = self._once(key, "answer", chunk.finish_reason)
-                        async with self._lock(sid):
-                            await self.sessions.append(sid, owner, completion, once)
-                        if self.settings.prewarm_next_turn:
-                            self._prewarmer.schedule(
-                                self._next_turn_rows(
-                                    owner, sid, prepared, prompt, completion, chooser
-                                )
+                with tracing.span("engine", rows=prepared.view.working_context.rows):
+                    async for chunk in self.engine.generate(prepared.embeds, params, request_id):
+                        if not completion and chunk.token_ids:
+                            first_token_at = time.monotonic()
+                            metrics.TIME_TO_FIRST_TOKEN_SECONDS.observe(first_token_at - arrived)
+                        completion += chunk.token_ids
+                        metrics.GENERATION_TOKENS_TOTAL.inc(len(chunk.token_ids))
+                        cached_rows = max(cached_rows, chunk.cached_rows)
+                        if chunk.finish_reason is None:
+                            yield GenerateEvent(
+                                request_id, chunk.text, chunk.token_ids, logprobs=chunk.logprobs
                             )
-                    self._maybe_shadow(
-                        request_id, sid, policy, prepared, prompt, completion, chooser
-                    )
-                    metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
-                    if len(completion) > 1:  # the first token's wait is TTFT's
-                        tpot = (time.monotonic() - first_token_at) / (len(completion) - 1)
-                        metrics.TIME_PER_OUTPUT_TOKEN_SECONDS.observe(tpot)
-                    wc = prepared.view.working_context
-                    usage = Usage(
-                        lifetime_tokens=wc.lifetime,
-                        wc_rows=wc.rows,
-                        gist_covered_tokens=wc.gist_covered_tokens,
-                        lens_version=wc.lens_version,
-                        wc_choice_ms=prepared.view.choice_ms,
-                        completion_tokens=len(completion),
-                        cached_rows=cached_rows,
-                        prompt_tokens=len(prompt),
-                        policy=policy,
-                        gistnet_version=prepared.view.gistnet_version,
-                        query_source=prepared.view.query_source,
-                        query_tokens=prepared.view.query_tokens,
-                    )
-                    yield GenerateEvent(
-                        request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage,
-                        chunk.logprobs, prepared.view,
-                    )  # fmt: skip
+                            continue
+                        if sid and completion:
+                            once = self._once(key, "answer", chunk.finish_reason)
+                            async with self._lock(sid):
+                                await self.sessions.append(sid, owner, completion, once)
+                            if self.settings.prewarm_next_turn:
+                                self._prewarmer.schedule(
+                                    self._next_turn_rows(
+                                        owner, sid, prepared, prompt, completion, chooser
+                                    )
+                                )
+                        self._maybe_shadow(
+                            request_id, sid, policy, prepared, prompt, completion, chooser
+                        )
+                        metrics.WC_CACHED_ROWS_TOTAL.inc(cached_rows)
+                        if len(completion) > 1:  # the first token's wait is TTFT's
+                            tpot = (time.monotonic() - first_token_at) / (len(completion) - 1)
+                            metrics.TIME_PER_OUTPUT_TOKEN_SECONDS.observe(tpot)
+                        wc = prepared.view.working_context
+                        usage = Usage(
+                            lifetime_tokens=wc.lifetime,
+                            wc_rows=wc.rows,
+                            gist_covered_tokens=wc.gist_covered_tokens,
+                            lens_version=wc.lens_version,
+                            wc_choice_ms=prepared.view.choice_ms,
+                            completion_tokens=len(completion),
+                            cached_rows=cached_rows,
+                            prompt_tokens=len(prompt),
+                            policy=policy,
+                            gistnet_version=prepared.view.gistnet_version,
+                            query_source=prepared.view.query_source,
+                            query_tokens=prepared.view.query_tokens,
+                        )
+                        yield GenerateEvent(
+                            request_id, chunk.text, chunk.token_ids, chunk.finish_reason, usage,
+                            chunk.logprobs, prepared.view,
+                        )  # fmt: skip
 
     async def _prepare_turn(
         self,
@@ -451,7 +452,8 @@ class LensService:
                     prepared = await self._prepare(
                         chooser, tree, policy=policy, budget=budget, query=query
                     )
-                logprobs = await self.engine.score(prepared.embeds, target, request_id)
+                with tracing.span("engine", rows=prepared.view.working_context.rows):
+                    logprobs = await self.engine.score(prepared.embeds, target, request_id)
             return ScoreResult([-lp for lp in logprobs], list(target), prepared.view)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -469,9 +471,10 @@ class LensService:
         served: bool = False,
     ) -> _Prepared:
         """Choose and assemble in a worker thread. `served` records metrics for served WCs."""
-        return await asyncio.to_thread(
-            self._choose_and_assemble, chooser, tree, policy, budget, seed, focus, query, served
-        )
+        with tracing.span("choose_wc", policy=policy, budget=budget):
+            return await asyncio.to_thread(
+                self._choose_and_assemble, chooser, tree, policy, budget, seed, focus, query, served
+            )
 
     def _choose_and_assemble(
         self,

@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 
+from lens_serve import tracing
 from lens_serve.aio import cancel_and_wait
 from lens_serve.errors import NotReady
 from lens_serve.service.config import Settings
@@ -260,6 +261,8 @@ async def _run(
         resources.callback(http_thread.join)
         resources.callback(http_server.shutdown)
         logger.info("metrics on http://%s/metrics", _address(settings.host, settings.metrics_port))
+    tracing.configure(settings.otel_endpoint)
+    resources.callback(tracing.shutdown)  # late: the spans of the drained calls are sent too
     redis = redis_client(settings, redis_url)
     resources.push_async_callback(_step, "redis client closed", redis.aclose)
 

@@ -13,6 +13,8 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -92,7 +94,7 @@ async def new_session(client: openai.AsyncOpenAI, text: str = "") -> str:
 
 
 def errors_counted(route: str, code: str) -> float:
-    labels = {"method": route, "code": code}
+    labels = {"grpc_service": "http", "grpc_method": route, "grpc_code": code}
     return REGISTRY.get_sample_value("lens_rpc_errors_total", labels) or 0.0
 
 
@@ -231,6 +233,33 @@ async def test_bad_field_is_400_naming_the_param(
     assert (error.status_code, error.code) == (400, "INVALID_ARGUMENT")
     assert error.param is not None and error.param.startswith(param), error.body
     assert errors_counted(route, "INVALID_ARGUMENT") == before + 1
+
+
+async def test_calls_are_traced_by_route_with_the_generation_under_them(
+    client: openai.AsyncOpenAI, spans: InMemorySpanExporter
+) -> None:
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=3, stream=True
+    )
+    ids = {chunk.id async for chunk in stream}  # the whole stream: the call ends with it
+    [request_id] = [i.removeprefix("chatcmpl-") for i in ids]
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="other", messages=CHAT)
+    for _ in range(200):  # a span ends once its response is sent: maybe after the client read it
+        calls = [s for s in spans.get_finished_spans() if s.name == "POST /v1/chat/completions"]
+        if len(calls) == 2:
+            break
+        await asyncio.sleep(0.01)
+    [served] = [s for s in calls if s.status.status_code is not StatusCode.ERROR]
+    [refused] = [s for s in calls if s.status.status_code is StatusCode.ERROR]
+    assert refused.status.description == "NOT_FOUND"
+    assert served.attributes is not None
+    assert served.attributes["http.request.method"] == "POST"
+    assert served.attributes["http.route"] == "/v1/chat/completions"
+    assert served.attributes["lens.request_id"] == request_id
+    children = [s for s in spans.get_finished_spans() if s.parent is not None]
+    assert sorted(s.name for s in children) == ["choose_wc", "engine"]
+    assert {s.parent.span_id for s in children if s.parent} == {served.context.span_id}
 
 
 async def test_bad_completion_prompt_is_400_naming_the_prompt(client: openai.AsyncOpenAI) -> None:

@@ -40,9 +40,15 @@ async def stub(fake: FakeServer) -> AsyncIterator[pb_grpc.LensServeAsyncStub]:
         yield pb_grpc.LensServeStub(channel)
 
 
+def rpc_labels(method: str) -> dict[str, str]:
+    """The metrics' labels of a method path (/lens_serve.v1.LensServe/Generate)."""
+    service, name = method.removeprefix("/").split("/")
+    return {"grpc_service": service, "grpc_method": name}
+
+
 def errors_total(method: str, code: str) -> float:
-    value = REGISTRY.get_sample_value("lens_rpc_errors_total", {"method": method, "code": code})
-    return value or 0.0
+    labels = {**rpc_labels(method), "grpc_code": code}
+    return REGISTRY.get_sample_value("lens_rpc_errors_total", labels) or 0.0
 
 
 async def errors_total_reaches(method: str, code: str, expected: float) -> float:
@@ -56,7 +62,7 @@ async def errors_total_reaches(method: str, code: str, expected: float) -> float
 
 
 def latency_count(method: str) -> float:
-    value = REGISTRY.get_sample_value("lens_rpc_latency_seconds_count", {"method": method})
+    value = REGISTRY.get_sample_value("lens_rpc_latency_seconds_count", rpc_labels(method))
     return value or 0.0
 
 
@@ -122,11 +128,16 @@ async def test_set_code_counted_when_handler_returns_normally(
     assert await errors_total_reaches(GET_SESSION, "ALREADY_EXISTS", before + 1) == before + 1
 
 
-async def test_success_timed_and_not_counted_as_error(stub: pb_grpc.LensServeAsyncStub) -> None:
+async def test_success_counted_timed_and_not_counted_as_error(
+    stub: pb_grpc.LensServeAsyncStub,
+) -> None:
+    labels = {"grpc_service": "lens_serve.v1.LensServe", "grpc_method": "GetSession"}
+    before_started = REGISTRY.get_sample_value("lens_rpc_started_total", labels) or 0.0
     before_count = latency_count(GET_SESSION)
     before_ok = errors_total(GET_SESSION, "OK")
     session = await stub.GetSession(pb.GetSessionRequest(session_id="fine"), metadata=AUTH)
     assert session.lifetime_tokens == 7
+    assert REGISTRY.get_sample_value("lens_rpc_started_total", labels) == before_started + 1
     assert latency_count(GET_SESSION) == before_count + 1
     assert errors_total(GET_SESSION, "OK") == before_ok
 

@@ -40,7 +40,7 @@ from tests.fakes import FakeEngine
 
 MIB = 1 << 20
 ADMIN_TOKEN = "admin-token-1"
-GENERATE = "/lens_serve.v1.LensServe/Generate"
+GENERATE = "Generate"  # the grpc_method label of LensServe/Generate
 BASE_SETTINGS: dict[str, Any] = dict(
     model="fake", host="127.0.0.1", port=0, wc_budget=64, max_wc_budget=256, tail=8,
     block_size=4, max_session_tokens=5000, max_tokens=4, max_model_len=8192, session_ttl_s=3600,
@@ -395,8 +395,8 @@ async def test_a_retried_append_stream_with_an_idempotency_key_appends_once(
 
 
 def errors_total(method: str, code: str) -> float:
-    value = REGISTRY.get_sample_value("lens_rpc_errors_total", {"method": method, "code": code})
-    return value or 0.0
+    labels = {"grpc_service": "lens_serve.v1.LensServe", "grpc_method": method, "grpc_code": code}
+    return REGISTRY.get_sample_value("lens_rpc_errors_total", labels) or 0.0
 
 
 async def test_cancelled_streams_are_counted_once_each(redis_client: Redis) -> None:
