@@ -1,32 +1,42 @@
-"""Synthetic preference records for the trainer tests, measured by an "NLL oracle".
+"""Synthetic new-format preference records for the trainer tests, measured by an "NLL oracle".
 
-Each record's lifetime hides one needle token (the vocabulary's last id, so a `tokens` gist of any
-block holding it shows it). The oracle's NLL falls the finer the needle's unit is shown:
-    nll = BASE_NLL + NLL_PER_LOD * lod(needle's unit) + NLL_PER_ROW * rows.
-Variants are the served newest-first tiling, random sampler edits of it, and edits that expand the
-needle's path (paid for by random collapses elsewhere), plus a recency baseline.
-Every row costs NLL_PER_ROW, so expanding anything but the needle hurts: a LensNet must tell the
-needle's units (expand) from the rest (collapse); a constant score cannot agree with both."""
+A record is built as the shadow scorer builds one: a real LifetimeTree over a random lifetime, the
+served tiling (the coarsest tiling filled newest first within the budget), LensNet's inputs for
+its units (`encode_units`), and the one-unit changes `unit_edits` picks (by the retrieval prior's
+relevance, then at random), each measured by the oracle
+
+    nll = BASE_NLL + NLL_PER_LOD * lod(needle's unit) + NLL_PER_ROW * rows
+          + DISTRACTOR_NLL * [the distractor's block is shown raw] + noise (std NLL_NOISE).
+
+The needle is the vocabulary's last id and the distractor the one before it: a `tokens` gist shows
+its block's highest ids, so every unit over either shows it in its content. The query names the
+needle, the distractor, or both (a third of the records each). Naming the needle, retrieval finds
+it and the prior is right; naming only the distractor, the prior points at a block whose raw
+tokens hurt (a lexical distractor) and misses the needle; naming both, the prior scores the two
+alike. What the prior misses, LensNet can learn from the units' content: expand the needle's unit,
+collapse (never expand) the distractor's.
+
+Baselines (`retrieval`, `uniform`, `recency`) are measured by the same oracle, for evaluation.
+`lifetime` and `block` build long sessions (a 1M-token tree takes a fraction of a second)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from lens_serve.core.allocator import collapse_candidates
-from lens_serve.core.context import (
-    Tiling,
-    children,
-    coarsest_tiling,
-    fill_newest_first,
-    levels_for,
-)
+from lens_serve.core.context import Tiling, coarsest_tiling, fill_newest_first, raw_from
+from lens_serve.core.counterfactual import UnitChoice, unit_edits, unit_relevance
 from lens_serve.core.embedding import EmbeddingTable
-from lens_serve.core.gistnet import GistNetConfig, build_gistnet, gist_config
-from lens_serve.core.policies import recency
-from lens_serve.core.sampler import sample_variant
+from lens_serve.core.gistnet import GistNetConfig, build_gistnet
+from lens_serve.core.lensnet import unit_inputs
+from lens_serve.core.policies import recency, retrieval, uniform
+from lens_serve.core.retrieval import RetrievalConfig, prior_scores, retrieved_blocks
+from lens_serve.core.tree import LifetimeTree
 from lens_serve.store.preferences import spec_from_tiling, spec_from_working_context
+from lens_serve.store.record_units import encode_units
 from lens_serve.v1 import lens_serve_pb2 as pb
-from tests.core_helpers import HIDDEN, VOCAB
+from tests.core_helpers import random_table
 
 BLOCK = 4
 TAIL = 16
@@ -34,93 +44,44 @@ ROWS = 1
 BASE_NLL = 2.0
 NLL_PER_LOD = 0.5
 NLL_PER_ROW = 0.02
+DISTRACTOR_NLL = 0.4
+NLL_NOISE = 0.01
+"""Std of the measurement noise added to every NLL (nats): unrelated changes move a real NLL."""
+CHOICE = UnitChoice(prior_units=3, lens_units=0, random_units=5)
+"""Measured units per record: the prior's three most relevant, five at random."""
 
 
-def gistnet_version(hidden: int = HIDDEN, table: EmbeddingTable | None = None) -> str:
-    """The `tokens` GistNet's version, as a server for `table`'s model (if given) names it."""
-    if table is not None:
-        return build_gistnet(gist_config(table, "tokens", BLOCK, ROWS), table).version
-    return build_gistnet(GistNetConfig(block_size=BLOCK, rows=ROWS, hidden_size=hidden)).version
+@dataclass(frozen=True)
+class Oracle:
+    needle_at: int  # token position of the needle
+    distractor_at: int  # token position of the distractor
+    rng: np.random.Generator  # draws the measurement noise
+
+    def nll(self, tiling: Tiling) -> float:
+        needle = tiling.units[_unit_at(tiling, self.needle_at)]
+        distractor = tiling.units[_unit_at(tiling, self.distractor_at)]
+        shown = DISTRACTOR_NLL if distractor[0] <= 0 else 0.0
+        noise = float(self.rng.normal(0.0, NLL_NOISE))
+        rows = NLL_PER_ROW * tiling.rows
+        return BASE_NLL + NLL_PER_LOD * max(needle[0], 0) + rows + shown + noise
 
 
-def unit_at(tiling: Tiling, position: int) -> int:
-    """Index of the unit covering token `position` (-1 for the trailing partial block)."""
+def _unit_at(tiling: Tiling, position: int) -> int:
+    """Position in `tiling.units` of the timeline unit covering token `position`."""
     for k, unit in enumerate(tiling.units):
         start, end = tiling.unit_span(unit)
-        if start <= position < end:
+        if unit[0] >= 0 and start <= position < end:
             return k
-    return -1
+    raise ValueError(f"token {position} is in no unit (the needle must precede the partial block)")
 
 
-def expand_toward(tiling: Tiling, position: int, depth: int) -> Tiling:
-    """Expand the unit covering `position` up to `depth` times (budget ignored)."""
-    units = list(tiling.units)
-    for _ in range(depth):
-        k = unit_at(Tiling(units, tiling.lifetime, tiling.block_size, tiling.gist_rows), position)
-        if k < 0 or units[k][0] == 0:
-            break
-        units[k : k + 1] = children(units[k], tiling.block_size)
-    return Tiling(units, tiling.lifetime, tiling.block_size, tiling.gist_rows)
-
-
-def fit_budget(
-    tiling: Tiling, budget: int, keep: int, counts: list[int], rng: np.random.Generator
-) -> Tiling:
-    """Collapse random legal sibling groups not covering token `keep` until `budget` rows fit
-    (how the allocator pays for an expand)."""
-    while tiling.rows > budget:
-        zeros = np.zeros(len(tiling.units))
-        options = [
-            c
-            for c in collapse_candidates(tiling, zeros, counts, TAIL, zeros)
-            if not any(
-                tiling.unit_span(u)[0] <= keep < tiling.unit_span(u)[1]
-                for u in tiling.units[c.position : c.position + c.length]
-            )
-        ]
-        if not options:
-            break
-        c = options[int(rng.integers(len(options)))]
-        units = list(tiling.units)
-        units[c.position : c.position + c.length] = [c.parent]
-        tiling = Tiling(units, tiling.lifetime, tiling.block_size, tiling.gist_rows)
-    return tiling
-
-
-def oracle_nll(tiling: Tiling, needle_at: int) -> float:
-    k = unit_at(tiling, needle_at)
-    lod = tiling.units[k][0] if k >= 0 else 0
-    return BASE_NLL + NLL_PER_LOD * lod + NLL_PER_ROW * tiling.rows
-
-
-def variant(tiling: Tiling, kind: str, nll: float) -> pb.ShadowVariant:
-    return pb.ShadowVariant(spec=spec_from_tiling(tiling), mean_nll=nll, kind=kind)
-
-
-def record_of(
-    tokens: np.ndarray,
-    variants: list[pb.ShadowVariant],
-    budget: int,
-    *,
-    hidden: int = HIDDEN,
-    table: EmbeddingTable | None = None,
-    model: str = "",
-    seed: int = 0,
-) -> pb.PreferenceRecord:
-    return pb.PreferenceRecord(
-        model=model,
-        gistnet_version=gistnet_version(hidden, table),
-        lens_version="lens-synthetic",
-        block_size=BLOCK,
-        gist_rows=ROWS,
-        tail=TAIL,
-        budget=budget,
-        lifetime_token_ids=tokens.tolist(),
-        window_start=0,
-        target_token_ids=[1, 2, 3],
-        variants=variants,
-        seed=seed,
+def _tree(tokens: np.ndarray, table: EmbeddingTable, block: int) -> LifetimeTree:
+    config = GistNetConfig(
+        kind="tokens", block_size=block, rows=ROWS, hidden_size=table.hidden_size
     )
+    tree = LifetimeTree(build_gistnet(config, table), table)
+    tree.append(tokens)
+    return tree
 
 
 def needle_record(
@@ -128,30 +89,84 @@ def needle_record(
     *,
     table: EmbeddingTable | None = None,
     model: str = "",
-    n_random: int = 4,
+    lifetime: int | None = None,
+    block: int = BLOCK,
+    slack: int = 24,
 ) -> pb.PreferenceRecord:
-    """A record for `table`'s model (default: the random tables of tests/core_helpers.py)."""
-    hidden, vocab = (table.hidden_size, table.vocab_size) if table else (HIDDEN, VOCAB)
+    """A new-format record for `table`'s model (default: tests/core_helpers.random_table).
+    lifetime: tokens (default 160-320 at random); slack: budget rows above the coarsest tiling."""
+    table = table or random_table()
+    vocab = table.vocab_size
+    needle, distractor = vocab - 1, vocab - 2
     rng = np.random.default_rng(seed)
-    n = int(rng.integers(160, 320))
-    tokens = rng.integers(3, vocab - 1, n)
-    needle_at = int(rng.integers(0, (n - TAIL) // 2))
-    tokens[needle_at] = vocab - 1
-    levels = levels_for(n, BLOCK)
-    coarse = coarsest_tiling(n, TAIL, levels, BLOCK, ROWS)
-    budget = coarse.rows + 24
+    n = lifetime or int(rng.integers(160, 320))
+    tokens = rng.integers(3, vocab - 2, n)
+    first_raw = raw_from(n, TAIL, block)
+    needle_at = int(rng.integers(0, first_raw // 2))
+    distractor_at = int(rng.integers(first_raw // 2, first_raw))  # another block, older than tail
+    tokens[needle_at], tokens[distractor_at] = needle, distractor
+    tree = _tree(tokens, table, block)
+    names = [(needle,), (distractor,), (needle, distractor)][int(rng.integers(3))]
+    query = np.concatenate([names, rng.integers(3, vocab - 2, 3)]).astype(np.int64)
+
+    levels = tree.levels
+    coarse = coarsest_tiling(n, TAIL, levels, block, ROWS)
+    budget = coarse.rows + slack
     served = fill_newest_first(coarse, budget)
-    counts = [n // BLOCK**k for k in range(levels + 1)]
-    tilings = [("served", served)]
-    for _ in range(n_random):
-        edits = int(rng.integers(1, 5))
-        tilings.append(("random", sample_variant(served, budget, TAIL, counts, rng, edits).tiling))
-    for depth in range(1, 4):
-        expanded = expand_toward(served, needle_at, depth)
-        tilings.append(("random", fit_budget(expanded, budget, needle_at, counts, rng)))
-    variants = [variant(t, kind, oracle_nll(t, needle_at)) for kind, t in tilings]
-    baseline = spec_from_working_context(recency(n, budget, BLOCK, ROWS))
-    # Recency spends the whole budget on raw rows and loses the needle entirely.
+    blocks = retrieved_blocks(tree, query, TAIL, RetrievalConfig())
+    counts = [tree.node_count(k) for k in range(levels + 1)]
+    relevance = unit_relevance(served, tree.index.bm25(query))  # (U,)
+    edits = unit_edits(served, budget, TAIL, counts, relevance, None, CHOICE, rng)
+
+    inputs = unit_inputs(tree, served, TAIL, query)  # U' = units (+ partial block)
+    oracle = Oracle(needle_at, distractor_at, rng)
+    served_nll = oracle.nll(served)
+    variants = [pb.ShadowVariant(spec=spec_from_tiling(served), mean_nll=served_nll, kind="served")]
+    for kind, tiling in (
+        ("retrieval", retrieval(coarse, blocks, budget)),
+        ("uniform", uniform(coarse, budget, TAIL, levels)),
+    ):
+        variants.append(
+            pb.ShadowVariant(spec=spec_from_tiling(tiling), mean_nll=oracle.nll(tiling), kind=kind)
+        )
+    # Recency spends the whole budget on the newest tokens and loses the needle.
     recency_nll = BASE_NLL + NLL_PER_LOD * (levels + 1) + NLL_PER_ROW * budget
-    variants.append(pb.ShadowVariant(spec=baseline, mean_nll=recency_nll, kind="recency"))
-    return record_of(tokens, variants, budget, hidden=hidden, table=table, model=model, seed=seed)
+    recency_spec = spec_from_working_context(recency(n, budget, block, ROWS))
+    variants.append(pb.ShadowVariant(spec=recency_spec, mean_nll=recency_nll, kind="recency"))
+
+    return pb.PreferenceRecord(
+        model=model,
+        gistnet_version=tree.gistnet.version,
+        lens_version="lens-synthetic",
+        block_size=block,
+        gist_rows=ROWS,
+        tail=TAIL,
+        budget=budget,
+        window_start=0,
+        target_token_ids=[1, 2, 3],
+        variants=variants,
+        seed=seed,
+        query_token_ids=query.tolist(),
+        lifetime=n,
+        units=encode_units(tree, served, inputs, prior_scores(served, blocks)),
+        unit_gains=[
+            pb.UnitGain(
+                unit=e.position,
+                edit=e.edit,
+                source=e.source,
+                probability=e.probability,
+                mean_nll=oracle.nll(e.tiling),
+                funding_collapses=e.funding,
+            )
+            for e in edits
+        ],
+    )
+
+
+def old_format_record(seed: int) -> pb.PreferenceRecord:
+    """A record as servers wrote them before per-unit gains: the lifetime and whole variants."""
+    record = needle_record(seed)
+    record.ClearField("units")
+    record.ClearField("unit_gains")
+    record.lifetime_token_ids.extend(np.random.default_rng(seed).integers(3, 100, record.lifetime))
+    return record

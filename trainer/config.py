@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from trainer.examples import TargetConfig
+from trainer.train import LossConfig
 
 
 class TrainerSettings(BaseSettings):
@@ -26,7 +27,7 @@ class TrainerSettings(BaseSettings):
     steps_per_version: int = Field(default=200, ge=1)
     """Gate (and publish if it passes) every this many steps, never more often."""
     batch_size: int = Field(default=16, ge=1)
-    """Records per training step (each brings all its variants and pairs)."""
+    """Records per training step (each brings its served tiling and measured units)."""
     lr: float = Field(default=3e-4, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(default=0.01, ge=0)
@@ -34,7 +35,12 @@ class TrainerSettings(BaseSettings):
     grad_clip: float = Field(default=1.0, gt=0)
     """Gradient-norm clip."""
     temperature: float = Field(default=1.0, gt=0)
-    """τ of the logistic preference loss (scores are divided by it)."""
+    """τ of the loss: `lens` scores are divided by it (trainer.train)."""
+    pair_weight: float = Field(default=1.0, ge=0)
+    """Weight of the pairwise term beside the listwise one (0: listwise only); see trainer.train
+    for what it measurably adds."""
+    pair_gap: float = Field(default=0.05, ge=0)
+    """nats: unit pairs whose values differ by less are ignored by the pairwise term."""
     seed: int = 0
     """Seed of the initial LensNet (when Redis names no current version) and of batch sampling."""
     claim_idle_ms: int = Field(default=60_000, ge=0)
@@ -44,14 +50,15 @@ class TrainerSettings(BaseSettings):
     held_out_every: int = Field(default=10, ge=2)
     """One record in this many (by stream-id hash) is held out for the gate, never trained on."""
     min_held_out: int = Field(default=4, ge=1)
-    """Held-out records the gate needs before it may publish: on one or two records agreement
-    and correlation are coin flips (a loop bench run published on one)."""
+    """Held-out records with decisive per-unit gains the gate needs before it may publish: on one
+    or two records NDCG is a coin flip (a loop bench run published on one)."""
     restart_after_refusals: int = Field(default=3, ge=0)
     """After this many gates in a row refuse the trained weights on their held-out quality,
     training restarts from the current published weights with a fresh optimizer (0: never).
     Records arrive a few a minute and the trainer runs thousands of steps on them: in loop run 5
     held-out decisive agreement peaked at 0.78 (step 700) and drifted to 0.52-0.68 over the next
-    5000 steps, all refused. A restart is early stopping that keeps learning from newer records."""
+    5000 steps, all refused (pairwise targets, before per-unit gains). A restart is early stopping
+    that keeps learning from newer records."""
     replay_size: int = Field(default=2000, ge=1)
     """Records kept in the replay buffer (and the durable `lens:trainer:replay` list)."""
     read_count: int = Field(default=64, ge=1)
@@ -63,14 +70,13 @@ class TrainerSettings(BaseSettings):
     log_every_s: float = Field(default=30.0, gt=0)
     """Seconds between progress lines."""
     min_nll_std: float = Field(default=0.25, gt=0)
-    """Advantage normalisation floor (nats) of a record's NLL spread. A record whose variants
-    differ by hundredths of a nat (the needle was in none of them) teaches that much more weakly
-    than one where a variant showed the answer (a gap of nats); with a floor at the noise level
-    (0.05) the many noise records outweighed the few informative ones."""
-    pair_scale: float = Field(default=1.0, gt=0)
-    """Pair strength = tanh(normalised NLL gap / pair_scale)."""
-    max_pairs: int = Field(default=16, ge=1)
-    """Preference pairs kept per record."""
+    """Advantage normalisation floor (nats) of the spread of a record's per-unit values. A record
+    whose units' gains differ by hundredths of a nat (none touched what the target depends on)
+    teaches that much more weakly than one where a unit showed the answer (a gain of nats); with
+    pairwise targets and a floor at the noise level (0.05) the many noise records outweighed the
+    few informative ones."""
+    min_gap: float = Field(default=1e-3, ge=0)
+    """Records whose per-unit values spread less (nats) carry no label and are not trained on."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
     """Serve Prometheus /metrics on this port (0: off)."""
 
@@ -84,9 +90,11 @@ class TrainerSettings(BaseSettings):
 
     @property
     def targets(self) -> TargetConfig:
-        return TargetConfig(
-            min_std=self.min_nll_std, scale=self.pair_scale, max_pairs=self.max_pairs
-        )
+        return TargetConfig(min_std=self.min_nll_std, min_gap=self.min_gap)
+
+    @property
+    def loss(self) -> LossConfig:
+        return LossConfig(self.temperature, self.pair_weight, self.pair_gap)
 
     def non_defaults(self) -> dict[str, object]:
         """Fields that differ from their defaults (logged once at start-up)."""

@@ -1,45 +1,42 @@
-"""The evaluation gate: is a new LensNet at least as good as the current one on held-out records?
+"""The evaluation gate: is a new LensNet at least as good as the current one and the prior on
+held-out records?
 
-Two measurements on the held-out slice (every k-th record by a hash of its stream id, so the split
-is the same on every trainer and every restart):
-- agreement: the fraction of preference pairs whose targeted units LensNet scores the right way.
-  The gate uses the *decisive* pairs, those whose NLLs differ by at least `DECISIVE_GAP`: most
-  needle records' variants differ by hundredths of a nat, from edits far from anything the target
-  depends on, and such near-ties are coin flips no feature predicts. Reported beside it: the
-  agreement over all pairs, and weighted by each pair's strength (the share of the NLL at stake
-  LensNet orders right);
-- correlation: within each record, the Pearson correlation across its variants between LensNet's
-  verdict on the variant's edits of the served WC (mean score of the served units the variant
-  shows finer minus mean score of those it shows coarser) and the NLL the edits gained; then the
-  mean over records. It must be positive: higher scores where expanding helped. MegaContext's
-  scores ended up anti-correlated with the loss gap; this is the check that would have caught it.
-  It is a polarity check, not a quality measure (that is agreement). Each record gets one vote:
-  pooled over records, one needle record whose lucky variant gained 2 nats outweighed fifteen
-  whose gains were hundredths, and loop run 4's gate refused 61 of 62 versions whose decisive
-  agreement was 0.61-0.89 (the mean per record was positive on the same records).
-Scores are `lens`'s: the retrieval prior plus LensNet's residual. A new version passes if there
-are at least `min_held_out` held-out records, decisive agreement(new) >= decisive agreement of
-both the current version and the prior alone (a residual must not make retrieval worse), and
-correlation(new) > 0."""
+Measurements on the held-out slice (every k-th record by a hash of its stream id, so the split is
+the same on every trainer and every restart), with s the `lens` scores (retrieval prior + LensNet's
+residual) of each record's measured units and t their values (trainer.examples):
+- ndcg: per record, NDCG of the measured units ranked by s with relevance t - min(t), then the
+  mean over the records whose values spread at least `DECISIVE_GAP` (the others are near-ties no
+  feature predicts: a target the context barely affects). Gains are linear in t, so a record's
+  NDCG does not depend on its scale. Tied scores count as the mean of their orders (the prior
+  gives most units the same score): neither the luck of a sort nor a constant is rewarded;
+- agreement: the fraction of within-record unit pairs whose values differ by at least
+  `DECISIVE_GAP` that s orders the right way (ties disagree), reported beside NDCG;
+- loss: the training loss (trainer.train) on the labelled held-out records;
+- baseline gaps: mean nll(baseline) - nll(served) per baseline kind (> 0: the served WC was better).
+A new version is judged once at least `min_held_out` held-out records have a decisive spread, and
+passes if its NDCG is at least the prior's alone (a residual must not make retrieval worse) and
+the current version's."""
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from lens_serve.core.lensnet import LensNet
 from trainer.examples import Example
-from trainer.train import agrees, collate, preference_loss, scores
+from trainer.train import LossConfig, collate, measured_scores, record_losses, scores
 
-# Examples per LensNet forward: bounds the padded (V, U, D) batch's memory.
+# Examples per LensNet forward: bounds the padded (B, U, D) batch's memory.
 _EVAL_CHUNK = 32
 DECISIVE_GAP = 0.05
-"""nats: a pair whose mean NLLs differ by less is a near-tie (see the module docstring)."""
+"""nats: units (and records) whose values differ by less are near-ties (see the docstring)."""
+_TIE = 1e-6  # score differences this small are float noise of equal scores
 
 
 def is_held_out(entry_id: str, every: int) -> bool:
@@ -50,19 +47,29 @@ def is_held_out(entry_id: str, every: int) -> bool:
 
 @dataclass(frozen=True)
 class GateReport:
-    decisive_agreement: float  # over pairs whose NLL gap is >= DECISIVE_GAP; what the gate uses
+    ndcg: float  # mean over the ranked records; what the gate uses (0 when none)
+    ranked_records: int  # records whose values spread >= DECISIVE_GAP
+    agreement: float  # over decisive within-record unit pairs (0 when none)
     decisive_pairs: int
-    agreement: float  # over all pairs
-    weighted_agreement: float  # pairs weighted by strength: the share of the NLL at stake
-    correlation: float  # mean over records of the within-record score/NLL-gain correlation
-    loss: float
-    pairs: int
-    edits: int
+    loss: float  # mean training loss over labelled records; nan when none
     records: int
-    served_vs_recency: float  # mean nll(recency) - nll(served), nats; nan if no such record
+    units: int  # measured units in all records
+    baseline_gaps: dict[str, float] = field(default_factory=dict)
+    """kind -> mean nll(kind) - nll(served) over the records that measured that baseline."""
 
     def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
+        """Flat, for JSON: the baseline gaps become `served_vs_<kind>`."""
+        out: dict[str, float | int] = {
+            "ndcg": self.ndcg,
+            "ranked_records": self.ranked_records,
+            "agreement": self.agreement,
+            "decisive_pairs": self.decisive_pairs,
+            "loss": self.loss,
+            "records": self.records,
+            "units": self.units,
+        }
+        out.update({f"served_vs_{k}": gap for k, gap in sorted(self.baseline_gaps.items())})
+        return out
 
 
 @dataclass(frozen=True)
@@ -73,116 +80,111 @@ class GateDecision:
     current: GateReport
     judged: bool = True
     """False when the held-out slice was still too small to judge the new weights' quality."""
+    prior: GateReport | None = None
 
 
 @torch.inference_mode()
-def evaluate(net: LensNet | None, examples: Sequence[Example], temperature: float) -> GateReport:
+def evaluate(
+    net: LensNet | None, examples: Sequence[Example], loss: LossConfig | None = None
+) -> GateReport:
     """`net`'s report on `examples`; None measures the retrieval prior alone."""
+    loss = loss or LossConfig()
     if net is not None:
         net.eval()
-    agree_sum = loss_sum = weighted_sum = strength_sum = decisive_sum = 0.0
-    pairs = decisive_pairs = 0
-    per_record: list[tuple[np.ndarray, np.ndarray]] = []  # (verdicts, gains) of each record
+    ndcgs: list[float] = []
+    losses: list[float] = []
+    agreed = pairs = units = 0
     for start in range(0, len(examples), _EVAL_CHUNK):
         chunk = examples[start : start + _EVAL_CHUNK]
-        batch = collate(chunk, all_variants=True)
-        if not batch.variant_index:
-            continue
-        s = scores(net, batch)  # (V, U)
-        if batch.pairs:
-            loss, _ = preference_loss(s, batch, temperature)
-            strength = batch.targets.abs().sum(dim=1)  # (P,) the pair's normalised NLL gap, x2
-            agreed = agrees(s, batch)  # (P,)
-            weighted_sum += float((agreed * strength).sum())
-            decisive = batch.gaps >= DECISIVE_GAP  # (P,)
-            decisive_sum += float(agreed[decisive].sum())
-            decisive_pairs += int(decisive.sum())
-            strength_sum += float(strength.sum())
-            agree_sum += float(agreed.sum())
-            loss_sum += float(loss) * batch.pairs
-            pairs += batch.pairs
-        row = {key: r for r, key in enumerate(batch.variant_index)}
-        for e, ex in enumerate(chunk):
-            if len(ex.edits) < 2:
-                continue  # nothing to compare within this record
-            ref = s[row[(e, ex.reference)]].numpy()  # (U,) padded
-            # LensNet's net vote for the variant's edits: mean score of what it expands minus
-            # mean score of what it collapses, as the allocator weighs an expand against a collapse.
-            verdict = np.array([ref[: len(edit.weights)] @ edit.weights for edit in ex.edits])
-            gain = np.array([edit.gain for edit in ex.edits])  # (E,)
-            per_record.append((verdict, gain))
-    gaps = [
-        ex.baselines["recency"] - ex.variants[ex.reference].nll
-        for ex in examples
-        if "recency" in ex.baselines
-    ]
+        batch = collate(chunk)
+        unit_scores = scores(net, batch)  # (B, U)
+        per_record = record_losses(unit_scores, batch, loss)  # (B,)
+        losses += per_record[batch.labelled].tolist()
+        s_all = measured_scores(unit_scores, batch).numpy()  # (B, M)
+        for row, ex in enumerate(chunk):
+            m = len(ex.measured)
+            units += m
+            s, t = s_all[row, :m], ex.value.astype(np.float64)
+            a, p = pair_agreement(s, t)
+            agreed, pairs = agreed + a, pairs + p
+            if m >= 2 and ex.spread >= DECISIVE_GAP:
+                ndcgs.append(ndcg(s, t))
     return GateReport(
-        decisive_agreement=decisive_sum / decisive_pairs if decisive_pairs else 0.0,
-        decisive_pairs=decisive_pairs,
-        agreement=agree_sum / pairs if pairs else 0.0,
-        weighted_agreement=weighted_sum / strength_sum if strength_sum else 0.0,
-        correlation=mean_within_record_correlation(per_record),
-        loss=loss_sum / pairs if pairs else math.nan,
-        pairs=pairs,
-        edits=sum(len(gain) for _, gain in per_record),
+        ndcg=float(np.mean(ndcgs)) if ndcgs else 0.0,
+        ranked_records=len(ndcgs),
+        agreement=agreed / pairs if pairs else 0.0,
+        decisive_pairs=pairs,
+        loss=float(np.mean(losses)) if losses else math.nan,
         records=len(examples),
-        served_vs_recency=float(np.mean(gaps)) if gaps else math.nan,
+        units=units,
+        baseline_gaps=baseline_gaps(examples),
     )
 
 
-def mean_within_record_correlation(records: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Mean over records of pearson(verdicts, gains): one vote per record, whatever its scale."""
-    if not records:
+def ndcg(s: np.ndarray, t: np.ndarray) -> float:
+    """NDCG of items ranked by scores s (M,), relevance t - min(t) (M,); tied scores share the
+    mean gain of their positions. 0 when every relevance is 0."""
+    rel = np.asarray(t, dtype=np.float64) - float(np.min(t))
+    discount = 1.0 / np.log2(np.arange(len(rel)) + 2.0)  # (M,)
+    ideal = float(np.sort(rel)[::-1] @ discount)
+    if ideal <= 0:
         return 0.0
-    return float(np.mean([pearson(verdict.tolist(), gain.tolist()) for verdict, gain in records]))
+    order = np.argsort(-np.asarray(s, dtype=np.float64), kind="stable")
+    ranked_s, ranked_rel = np.asarray(s, dtype=np.float64)[order], rel[order]
+    dcg, i = 0.0, 0
+    while i < len(order):  # each run of tied scores: its mean gain at each of its positions
+        j = i + 1
+        while j < len(order) and ranked_s[i] - ranked_s[j] <= _TIE:
+            j += 1
+        dcg += float(ranked_rel[i:j].mean()) * float(discount[i:j].sum())
+        i = j
+    return dcg / ideal
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson correlation; 0 when undefined (fewer than 2 points or a constant side)."""
-    if len(x) < 2:
-        return 0.0
-    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denom = math.sqrt(float(a @ a) * float(b @ b))
-    return float(a @ b) / denom if denom > 1e-12 else 0.0
+def pair_agreement(s: np.ndarray, t: np.ndarray) -> tuple[int, int]:
+    """(pairs s orders right, pairs) over unit pairs whose values differ by >= DECISIVE_GAP."""
+    dt = t[:, None] - t[None, :]  # (M, M): > 0 where the row unit is worth more
+    ds = s[:, None] - s[None, :]  # (M, M)
+    decisive = dt >= DECISIVE_GAP
+    return int((decisive & (ds > _TIE)).sum()), int(decisive.sum())
+
+
+def baseline_gaps(examples: Sequence[Example]) -> dict[str, float]:
+    """kind -> mean nll(kind) - nll(served), over the examples that measured it."""
+    gaps: dict[str, list[float]] = defaultdict(list)
+    for ex in examples:
+        for kind, nll in ex.baselines.items():
+            gaps[kind].append(nll - ex.served_nll)
+    return {kind: float(np.mean(g)) for kind, g in sorted(gaps.items())}
 
 
 def decide(
     new: GateReport, current: GateReport, prior: GateReport, min_records: int = 1
 ) -> GateDecision:
-    if new.decisive_pairs == 0:
-        return GateDecision(
-            False, "no decisive held-out preference pairs yet", new, current, judged=False
-        )
-    if new.records < min_records:
+    if new.ranked_records < min_records:
         return GateDecision(
             False,
-            f"{new.records} held-out records, the gate needs {min_records}",
+            f"{new.ranked_records} held-out records with decisive per-unit gains, the gate "
+            f"needs {min_records}",
             new,
             current,
             judged=False,
+            prior=prior,
         )
-    if new.correlation <= 0:
+    if new.ndcg < prior.ndcg:
         return GateDecision(
             False,
-            f"score/NLL-gain correlation {new.correlation:.3f} is not positive",
+            f"held-out NDCG {new.ndcg:.3f} < the prior's {prior.ndcg:.3f}",
             new,
             current,
+            prior=prior,
         )
-    if new.decisive_agreement < prior.decisive_agreement:
+    if new.ndcg < current.ndcg:
         return GateDecision(
             False,
-            f"held-out decisive agreement {new.decisive_agreement:.3f} < the prior's "
-            f"{prior.decisive_agreement:.3f}",
+            f"held-out NDCG {new.ndcg:.3f} < current {current.ndcg:.3f}",
             new,
             current,
+            prior=prior,
         )
-    if new.decisive_agreement < current.decisive_agreement:
-        return GateDecision(
-            False,
-            f"held-out decisive agreement {new.decisive_agreement:.3f} < current "
-            f"{current.decisive_agreement:.3f}",
-            new,
-            current,
-        )
-    return GateDecision(True, "ok", new, current)
+    return GateDecision(True, "ok", new, current, prior=prior)

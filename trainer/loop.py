@@ -83,7 +83,7 @@ class ReplayBuffer:
 
     @property
     def train(self) -> list[Example]:
-        return [ex for held, ex in self._items if not held and ex.pairs]
+        return [ex for held, ex in self._items if not held and ex.labelled]
 
     @property
     def held_out(self) -> list[Example]:
@@ -161,7 +161,7 @@ class Trainer:
         return PreferenceTrainer(
             self.net,
             lr=s.lr,
-            temperature=s.temperature,
+            loss=s.loss,
             weight_decay=s.weight_decay,
             grad_clip=s.grad_clip,
             seed=s.seed,
@@ -347,7 +347,7 @@ class Trainer:
 
     async def _gate_reported(self) -> GateDecision:
         """Run the gate, keep its decision, and write one `report {json}` line on the output for
-        it, passed or not (the agreement curve)."""
+        it, passed or not (the learning curve)."""
         decision = await asyncio.to_thread(self._gate)
         self.result.last_decision = decision
         outcome = "passed" if decision.passed else "refused" if decision.judged else "unjudged"
@@ -362,6 +362,7 @@ class Trainer:
             "reason": decision.reason,
             "new": decision.new.as_dict(),
             "current": decision.current.as_dict(),
+            "prior": decision.prior.as_dict() if decision.prior is not None else None,
             "current_version": self.current_version,
         }
         self._out.write(f"report {json.dumps(_json_safe(report), sort_keys=True)}\n")
@@ -404,9 +405,10 @@ class Trainer:
 
     def _gate(self) -> GateDecision:
         held = self.buffer.held_out
-        new = evaluate(self.net, held, self.settings.temperature)
-        current = evaluate(self.current_net, held, self.settings.temperature)
-        prior = evaluate(None, held, self.settings.temperature)
+        loss = self.settings.loss
+        new = evaluate(self.net, held, loss)
+        current = evaluate(self.current_net, held, loss)
+        prior = evaluate(None, held, loss)
         return decide(new, current, prior, self.settings.min_held_out)
 
     async def _publish(self, decision: GateDecision) -> None:
@@ -415,20 +417,25 @@ class Trainer:
         if self.net.version == self.current_version:
             return
         recent = self._losses[-self.settings.steps_per_version :]
+        new, current, prior = decision.new, decision.current, decision.prior
         metrics: dict[str, Any] = {
-            "decisive_agreement": decision.new.decisive_agreement,
-            "decisive_pairs": decision.new.decisive_pairs,
-            "agreement": decision.new.agreement,
-            "correlation": decision.new.correlation,
+            "ndcg": new.ndcg,
+            "agreement": new.agreement,
+            "decisive_pairs": new.decisive_pairs,
             "loss": float(np.mean(recent)) if recent else None,
-            "held_out_loss": decision.new.loss,
-            "held_out_pairs": decision.new.pairs,
-            "current_decisive_agreement": decision.current.decisive_agreement,
-            "current_agreement": decision.current.agreement,
+            "held_out_loss": new.loss,
+            "held_out_records": new.records,
+            "held_out_ranked_records": new.ranked_records,
+            "held_out_units": new.units,
+            "current_ndcg": current.ndcg,
+            "current_agreement": current.agreement,
+            "prior_ndcg": prior.ndcg if prior is not None else None,
+            "prior_agreement": prior.agreement if prior is not None else None,
             "steps": self.steps,
             "records": len(self.buffer),
             "parent": self.current_version,
         }
+        metrics.update({k: v for k, v in new.as_dict().items() if k.startswith("served_vs_")})
         metrics = {k: _json_safe(v) for k, v in metrics.items()}
         version = await LENSNET.publish(
             self._redis, self.net, metrics=metrics, parent=self.current_version, make_current=False
@@ -441,13 +448,13 @@ class Trainer:
         self.result.published.append(version)
         trainer_metrics.PUBLISHED_VERSIONS_TOTAL.inc()
         logger.info(
-            "published %s at step %d: held-out decisive agreement %.3f (was %.3f), "
-            "correlation %.3f",
+            "published %s at step %d: held-out NDCG %.3f (was %.3f, prior %.3f), agreement %.3f",
             version,
             self.steps,
-            decision.new.decisive_agreement,
-            decision.current.decisive_agreement,
-            decision.new.correlation,
+            new.ndcg,
+            current.ndcg,
+            prior.ndcg if prior is not None else math.nan,
+            new.agreement,
         )
         self._out.write(f"published {version}\n")
         self._out.flush()

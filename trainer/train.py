@@ -1,129 +1,169 @@
-"""LensNet's pairwise preference loss and optimizer step (no I/O).
+"""LensNet's loss on per-unit values, and the optimizer step (no I/O).
 
-Loss (MegaContext §4.5 step 8, Bradley-Terry / logistic): for each pair, over the worse variant's
-targeted units, mean of softplus(-sign(t) * s / τ) * |t|, where s is LensNet's signed unit score;
-then the mean over pairs, so a pair weighs the same however many units it touches. Agreement is
-the fraction of pairs whose targeted units' mean of s * sign(t) is positive (ties disagree, so an
-untrained zero-head LensNet scores 0)."""
+Per labelled record, with s the `lens` scores (retrieval prior + residual) of its measured units
+and t their values (trainer.examples):
+- listwise (ListNet): the cross-entropy between softmax(t / τ_t) (τ_t the record's scale:
+  advantage normalisation) and log_softmax(s / temperature). It weighs units by how much they
+  are worth: the needle's unit far above the rest;
+- pairwise (logistic), times `pair_weight`: the mean of softplus(-(s_a - s_b) / temperature) over
+  the unit pairs with t_a - t_b >= `pair_gap`. Every decisive pair counts the same, so the small
+  but consistent differences (a collapse that frees rows, an expand that costs some) are ranked
+  too: with τ_t set by the needle they are near-ties for the listwise term. On the synthetic
+  held-out records (tests/trainer_synthetic.py; 40 training records, 100 steps, mean of 3 seeds)
+  listwise alone reached NDCG 0.972 / agreement 0.830, with the pairwise term (weight 1) 0.988 /
+  0.956 (the prior: 0.835 / 0.504). With 0.1 nats of noise on every NLL the two were level
+  (0.917 / 0.920): the term helps as far as the small differences are real.
+The record losses are averaged, so a record weighs the same however many units it measured. Both
+terms teach the order of a record's units only (adding a constant to its scores changes neither):
+the allocator takes expands in score order and funds them with the lowest-scored collapses, but it
+also needs a score above `FocusConfig.expand_threshold` to expand at all, a level nothing here
+fits (the residual starts at zero and weight decay keeps it near)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lens_serve.core.lensnet import N_FEATURES, LensNet
 from trainer.examples import Example
 
+_MASKED = -1e9  # logit of a padding entry: exp() of it is 0, and unlike -inf it never makes NaN
+
 
 @dataclass(frozen=True)
 class Batch:
-    """Variants of several examples, padded to the longest, and the pairs defined on them."""
+    """Records padded to the longest tiling, and their measured units padded to the most."""
 
-    content: torch.Tensor  # (V, U, D) float32
-    lods: torch.Tensor  # (V, U) int64
-    features: torch.Tensor  # (V, U, F) float32
-    valid: torch.Tensor  # (V, U) bool: real units
-    prior: torch.Tensor  # (V, U) float32: the retrieval prior's scores (0 on padding)
-    pair_variant: torch.Tensor  # (P,) int64: row in V of each pair's scored variant
-    targets: torch.Tensor  # (P, U) float32: signed targets, 0 = no target / padding
-    gaps: torch.Tensor  # (P,) float32: each pair's NLL gap, nats
-    variant_index: list[tuple[int, int]]  # (example, variant) of each row in V
+    content: torch.Tensor  # (B, U, D) float32
+    lods: torch.Tensor  # (B, U) int64
+    features: torch.Tensor  # (B, U, F) float32
+    valid: torch.Tensor  # (B, U) bool: real units
+    prior: torch.Tensor  # (B, U) float32: the retrieval prior's scores (0 on padding)
+    measured: torch.Tensor  # (B, M) int64: positions in U of the measured units (0 on padding)
+    measured_valid: torch.Tensor  # (B, M) bool
+    value: torch.Tensor  # (B, M) float32: the measured units' values (0 on padding)
+    scale: torch.Tensor  # (B,) float32: each record's τ_t
+    labelled: torch.Tensor  # (B,) bool: records the loss ranks
 
     @property
-    def pairs(self) -> int:
-        return int(self.targets.shape[0])
+    def records(self) -> int:
+        return int(self.valid.shape[0])
+
+    @property
+    def labelled_records(self) -> int:
+        return int(self.labelled.sum())
 
 
-def collate(examples: Sequence[Example], *, all_variants: bool = False) -> Batch:
-    """Batch the variants that some pair targets (or every variant, for evaluation)."""
-    index: list[tuple[int, int]] = []
-    row_of: dict[tuple[int, int], int] = {}
-    for e, ex in enumerate(examples):
-        wanted = range(len(ex.variants)) if all_variants else sorted({p.scored for p in ex.pairs})
-        for v in wanted:
-            row_of[(e, v)] = len(index)
-            index.append((e, v))
-    width = max((len(examples[e].variants[v].rows) for e, v in index), default=1)
+def collate(examples: Sequence[Example]) -> Batch:
+    n = len(examples)
+    width = max((len(ex.lods) for ex in examples), default=1)
+    most = max((len(ex.measured) for ex in examples), default=1)
     dim = examples[0].content.shape[1] if examples else 1
-    n = len(index)
-    content = torch.zeros(n, width, dim)  # (V, U, D)
-    lods = torch.zeros(n, width, dtype=torch.long)  # (V, U)
-    features = torch.zeros(n, width, N_FEATURES)  # (V, U, F)
-    valid = torch.zeros(n, width, dtype=torch.bool)  # (V, U)
-    prior = torch.zeros(n, width)  # (V, U)
-    for row, (e, v) in enumerate(index):
-        ex = examples[e]
-        units = torch.from_numpy(ex.variants[v].rows)  # (U_v,)
-        u = len(units)
-        content[row, :u] = ex.content[units].float()
-        lods[row, :u] = ex.lods[units]
-        features[row, :u] = ex.features[units]
-        prior[row, :u] = ex.prior[units]
+    content = torch.zeros(n, width, dim)  # (B, U, D)
+    lods = torch.zeros(n, width, dtype=torch.long)  # (B, U)
+    features = torch.zeros(n, width, N_FEATURES)  # (B, U, F)
+    valid = torch.zeros(n, width, dtype=torch.bool)  # (B, U)
+    prior = torch.zeros(n, width)  # (B, U)
+    measured = torch.zeros(n, most, dtype=torch.long)  # (B, M)
+    measured_valid = torch.zeros(n, most, dtype=torch.bool)  # (B, M)
+    value = torch.zeros(n, most)  # (B, M)
+    for row, ex in enumerate(examples):
+        u, m = len(ex.lods), len(ex.measured)
+        content[row, :u] = ex.content.float()
+        lods[row, :u] = ex.lods
+        features[row, :u] = ex.features
+        prior[row, :u] = ex.prior
         valid[row, :u] = True
-    pair_rows: list[int] = []
-    targets = []
-    gaps = []
-    for e, ex in enumerate(examples):
-        for pair in ex.pairs:
-            gaps.append(pair.gap)
-            padded = np.zeros(width, dtype=np.float32)  # (U,)
-            padded[: len(pair.targets)] = pair.targets
-            targets.append(padded)
-            pair_rows.append(row_of[(e, pair.scored)])
+        measured[row, :m] = torch.from_numpy(ex.measured)
+        measured_valid[row, :m] = True
+        value[row, :m] = torch.from_numpy(ex.value)
     return Batch(
         content=content,
         lods=lods,
         features=features,
         valid=valid,
         prior=prior,
-        pair_variant=torch.tensor(pair_rows, dtype=torch.long),
-        targets=torch.from_numpy(np.stack(targets)) if targets else torch.zeros(0, width),
-        gaps=torch.tensor(gaps, dtype=torch.float32),
-        variant_index=index,
+        measured=measured,
+        measured_valid=measured_valid,
+        value=value,
+        scale=torch.tensor([ex.scale for ex in examples], dtype=torch.float32),
+        labelled=torch.tensor([ex.labelled for ex in examples], dtype=torch.bool),
     )
 
 
 def scores(net: LensNet | None, batch: Batch) -> torch.Tensor:
-    """(V, U) `lens` scores of every batched variant: the retrieval prior plus LensNet's residual
-    (None: the prior alone). Padding rows are garbage; mask them."""
+    """(B, U) `lens` scores of every unit: the retrieval prior plus LensNet's residual (None: the
+    prior alone). Padding entries are garbage; mask them."""
     if net is None:
         return batch.prior
     out: torch.Tensor = net(batch.content, batch.lods, batch.features, batch.valid) + batch.prior
     return out
 
 
-_TIE = 1e-6  # margins this small are float noise of equal sides, not a preference
+def measured_scores(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B, M) the scores of each record's measured units, from (B, U) unit scores."""
+    return unit_scores.gather(1, batch.measured)
 
 
-def preference_loss(
-    unit_scores: torch.Tensor, batch: Batch, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, agreement) over the batch's pairs; both scalars. unit_scores is (V, U)."""
-    s = unit_scores[batch.pair_variant]  # (P, U): each pair's scored-variant scores
-    sign, weight = batch.targets.sign(), batch.targets.abs()  # (P, U) each
-    per_unit = F.softplus(-sign * s / temperature) * weight  # (P, U), 0 where untargeted
-    loss = per_unit.sum(dim=1).mean()  # each side of a pair carries its strength once
-    agreement = agrees(unit_scores, batch).float().mean()
-    return loss, agreement
+def listwise_losses(unit_scores: torch.Tensor, batch: Batch, temperature: float) -> torch.Tensor:
+    """(B,) ListNet cross-entropy of every record (meaningful where batch.labelled)."""
+    mask = batch.measured_valid  # (B, M)
+    target = F.softmax((batch.value / batch.scale[:, None]).masked_fill(~mask, _MASKED), dim=1)
+    logits = (measured_scores(unit_scores, batch) / temperature).masked_fill(~mask, _MASKED)
+    log_q = F.log_softmax(logits, dim=1)  # (B, M)
+    return -(target * log_q).masked_fill(~mask, 0.0).sum(dim=1)
 
 
-def agrees(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(P,) bool: does LensNet rank each pair's expand side above its collapse side?"""
-    s = unit_scores[batch.pair_variant]  # (P, U)
-    # (P,): mean score of the units to expand minus that of the units to collapse, times strength
-    margin = (s * batch.targets).sum(dim=1)
-    return margin > _TIE  # a tie (a constant score's 0) never agrees
+def pairwise_losses(
+    unit_scores: torch.Tensor, batch: Batch, temperature: float, gap: float
+) -> torch.Tensor:
+    """(B,) mean logistic loss over each record's unit pairs whose values differ by >= gap (0 for
+    a record without one)."""
+    s = measured_scores(unit_scores, batch) / temperature  # (B, M)
+    dt = batch.value[:, :, None] - batch.value[:, None, :]  # (B, M, M): row unit worth more
+    both = batch.measured_valid[:, :, None] & batch.measured_valid[:, None, :]  # (B, M, M)
+    decisive = (both & (dt >= gap)).float()  # (B, M, M)
+    per_pair = F.softplus(s[:, None, :] - s[:, :, None])  # (B, M, M): -(s_row - s_col)
+    return (per_pair * decisive).sum(dim=(1, 2)) / decisive.sum(dim=(1, 2)).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 1.0
+    """Scores are divided by it in both terms."""
+    pair_weight: float = 1.0
+    """Weight of the pairwise term (0: listwise only)."""
+    pair_gap: float = 0.05
+    """nats: unit pairs whose values differ by less are near-ties the pairwise term ignores."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.pair_weight < 0 or self.pair_gap < 0:
+            raise ValueError("pair_weight and pair_gap must be >= 0")
+
+
+def record_losses(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -> torch.Tensor:
+    """(B,) each record's loss (meaningful where batch.labelled). unit_scores: (B, U)."""
+    out = listwise_losses(unit_scores, batch, config.temperature)
+    if config.pair_weight > 0:
+        pairs = pairwise_losses(unit_scores, batch, config.temperature, config.pair_gap)
+        out = out + config.pair_weight * pairs
+    return out
+
+
+def loss(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -> torch.Tensor:
+    """Scalar: the mean loss over the batch's labelled records."""
+    return record_losses(unit_scores, batch, config)[batch.labelled].mean()
 
 
 @dataclass(frozen=True)
 class StepMetrics:
     loss: float
-    agreement: float
-    pairs: int
+    records: int  # labelled records the step ranked
     grad_norm: float
 
 
@@ -135,31 +175,29 @@ class PreferenceTrainer:
         net: LensNet,
         *,
         lr: float,
-        temperature: float,
+        loss: LossConfig | None = None,
         weight_decay: float = 0.01,
         grad_clip: float = 1.0,
         seed: int = 0,
     ) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         torch.manual_seed(seed)  # nothing here draws today; keeps future dropout reproducible
         self.net = net
-        self.temperature = temperature
+        self.loss = loss or LossConfig()
         self.grad_clip = grad_clip
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         self.steps = 0
 
     def step(self, batch: Batch) -> StepMetrics:
-        if batch.pairs == 0:
-            raise ValueError("a training batch needs at least one pair")
+        if batch.labelled_records == 0:
+            raise ValueError("a training batch needs at least one labelled record")
         self.net.train()
         try:
-            loss, agreement = preference_loss(scores(self.net, batch), batch, self.temperature)
+            value = loss(scores(self.net, batch), batch, self.loss)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
+            value.backward()  # type: ignore[no-untyped-call]
             norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
             self.optimizer.step()
         finally:
             self.net.eval()
         self.steps += 1
-        return StepMetrics(loss.item(), agreement.item(), batch.pairs, norm.item())
+        return StepMetrics(value.item(), batch.labelled_records, norm.item())

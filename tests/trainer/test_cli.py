@@ -84,7 +84,8 @@ def test_dump_then_offline_run_trains_reports_and_publishes_only_with_redis(
     (report_line,) = _lines(out, "report ")
     report = json.loads(report_line.removeprefix("report "))
     assert report["steps"] == 40
-    assert report["new"]["agreement"] > 0.7 > report["current"]["agreement"]
+    assert report["new"]["ndcg"] > report["prior"]["ndcg"] == report["current"]["ndcg"]
+    assert report["new"]["agreement"] > 0.8 > report["current"]["agreement"]
     assert report["passed"]
     assert not _lines(out, "published ")
     assert sync_redis.get(LENSNET.current_key) is None

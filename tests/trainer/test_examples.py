@@ -1,220 +1,161 @@
-"""Record -> training example: rebuilding, per-unit targets and their sign."""
+"""Record -> training example: per-unit values, their sign, validation, and bounded records."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+import torch
 
-from lens_serve.core.context import Tiling, coarsest_tiling, levels_for
-from lens_serve.core.lensnet import LensNet, LensNetConfig, score_units, unit_inputs
-from lens_serve.core.tree import LifetimeTree
+from lens_serve.core.lensnet import N_FEATURES
 from lens_serve.v1 import lens_serve_pb2 as pb
-from tests.core_helpers import HIDDEN, VOCAB, random_table
-from tests.trainer_synthetic import BLOCK, ROWS, TAIL, needle_record, record_of, variant
-from trainer.examples import (
-    Example,
-    RecordError,
-    TargetConfig,
-    build_pairs,
-    example_from_record,
-    gistnet_for,
-    unit_targets,
-)
-from trainer.gate import evaluate
-from trainer.train import PreferenceTrainer, collate
-
-LIFETIME = 70  # B = 4, tail 16: gists (2,0) (2,1) (2,2) (1,12), raw blocks 13-16, 2 loose tokens
-
-
-def _tokens(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(3, VOCAB, LIFETIME)
-
-
-def _served() -> Tiling:
-    tiling = coarsest_tiling(LIFETIME, TAIL, levels_for(LIFETIME, BLOCK), BLOCK, ROWS)
-    assert tiling.units[:4] == [(2, 0), (2, 1), (2, 2), (1, 12)]
-    return tiling
-
-
-def _expand(tiling: Tiling, position: int) -> Tiling:
-    """`tiling` with unit number `position` (an LOD2 gist) replaced by its four LOD1 children."""
-    lod, index = tiling.units[position]
-    kids = [(lod - 1, index * BLOCK + j) for j in range(BLOCK)]
-    units = tiling.units[:position] + kids + tiling.units[position + 1 :]
-    return Tiling(units, tiling.lifetime, tiling.block_size, tiling.gist_rows)
-
-
-def _record(*variants: tuple[Tiling, str, float]) -> pb.PreferenceRecord:
-    shadow = [variant(t, kind, nll) for t, kind, nll in variants]
-    return record_of(_tokens(), shadow, budget=64)
+from tests.core_helpers import random_table
+from tests.trainer_synthetic import CHOICE, ROWS, needle_record, old_format_record
+from trainer.examples import Example, RecordError, TargetConfig, example_from_record
 
 
 def _example(record: pb.PreferenceRecord, config: TargetConfig | None = None) -> Example:
     return example_from_record(record, "1-0", random_table(), config or TargetConfig())
 
 
-def test_expanding_a_gist_that_lowers_nll_gives_a_positive_target_on_that_gist() -> None:
-    served = _served()
-    expanded = _expand(served, 1)  # (2,1) -> (1,4..7)
-    record = _record((served, "served", 2.0), (expanded, "random", 1.6))
-    ex = example_from_record(record, "1-0", random_table(), TargetConfig())
-    pair, mirror = ex.pairs
-    assert (pair.better, pair.worse, pair.scored) == (1, 0, 0)
-    assert pair.gap == pytest.approx(0.4)
-    # One target per unit of the worse (served) variant plus its loose tokens, which get none.
-    assert len(pair.targets) == len(served.units) + 1
-    assert pair.targets[1] > 0
-    assert np.count_nonzero(pair.targets) == 1
-    # The mirror, on the better variant: its four children (1,4..7) must not collapse back.
-    assert (mirror.better, mirror.worse, mirror.scored) == (1, 0, 1)
-    assert np.all(mirror.targets[1:5] > 0) and np.count_nonzero(mirror.targets) == 4
-    assert mirror.targets[1:5].sum() == pytest.approx(pair.targets[1])  # a side weighs s in all
+def _with_gains(record: pb.PreferenceRecord, *gains: tuple[int, str, float]) -> None:
+    """Replace the record's measurements by (unit, edit, mean_nll) ones."""
+    del record.unit_gains[:]
+    for unit, edit, nll in gains:
+        record.unit_gains.append(pb.UnitGain(unit=unit, edit=edit, source="prior", mean_nll=nll))
 
 
-def test_expanding_a_gist_that_raises_nll_gives_collapse_targets_on_its_children() -> None:
-    served = _served()
-    expanded = _expand(served, 1)
-    record = _record((served, "served", 2.0), (expanded, "random", 2.4))
-    ex = example_from_record(record, "1-0", random_table(), TargetConfig())
-    pair, mirror = ex.pairs
-    assert (pair.better, pair.worse, pair.scored) == (0, 1, 1)
-    assert np.all(pair.targets[1:5] < 0)  # the four children (1,4..7) should collapse back
-    assert np.count_nonzero(pair.targets) == 4
-    assert mirror.scored == 0 and mirror.targets[1] < 0  # and the served gist stays a gist
-    assert np.count_nonzero(mirror.targets) == 1
+def _raw_and_gist(record: pb.PreferenceRecord) -> tuple[int, int]:
+    """Positions of a raw block and of a gist among the record's units."""
+    lods = [u.lod for u in record.units if u.index >= 0]
+    return lods.index(0), next(k for k, lod in enumerate(lods) if lod >= 1)
 
 
-def test_a_prior_for_gists_over_finer_units_agrees_with_only_half_the_pairs() -> None:
-    served = _served()
-    tilings = [served, _expand(served, 0), _expand(served, 1), _expand(served, 2)]
-    for nlls in ([2.0, 1.0, 1.5, 3.0], [1.0, 2.0, 1.5, 3.0]):
-        pairs = build_pairs(tilings, nlls, TargetConfig())
-        # Two variants that each expanded another gist: a swap, two-sided in both halves.
-        swaps = [p for p in pairs if p.worse != 0 and p.better != 0]
-        assert len(swaps) >= 2
-        margins = []
-        for p in swaps:  # LOD prior: score = the unit's level, whatever its content
-            lods = np.array([lod for lod, _ in tilings[p.scored].units], dtype=np.float32)
-            margins.append(float(lods @ p.targets[: len(lods)]))
-        assert [m > 1e-6 for m in margins] == [True, False] * (len(swaps) // 2)
+def test_value_is_the_gain_for_an_expand_and_minus_the_gain_for_a_collapse() -> None:
+    record = needle_record(0)
+    served = record.variants[0].mean_nll
+    raw, gist = _raw_and_gist(record)
+    # Expanding the gist helped by 0.4 nats; collapsing the raw block hurt by 0.3.
+    _with_gains(record, (gist, "expand", served - 0.4), (raw, "collapse", served + 0.3))
+    ex = _example(record)
+    assert sorted(ex.measured.tolist()) == sorted([gist, raw])
+    value = dict(zip(ex.measured.tolist(), ex.value.tolist(), strict=True))
+    # Both say "show it finer": the expand that helped and the raw block that must stay raw.
+    assert value[gist] == pytest.approx(0.4, abs=1e-5)
+    assert value[raw] == pytest.approx(0.3, abs=1e-5)
+    # A collapse that helped says the opposite.
+    _with_gains(record, (gist, "expand", served - 0.4), (raw, "collapse", served - 0.3))
+    assert sorted(_example(record).value.tolist()) == pytest.approx([-0.3, 0.4], abs=1e-5)
 
 
-def test_training_on_an_expansion_that_helped_scores_that_gist_positive() -> None:
-    served = _served()
-    helped, hurt = _expand(served, 1), _expand(served, 2)
-    record = _record((served, "served", 2.0), (helped, "random", 1.6), (hurt, "random", 2.1))
-    table = random_table()
-    ex = example_from_record(record, "1-0", table, TargetConfig())
-    net = LensNet(LensNetConfig(hidden_size=HIDDEN, seed=0))
-    before = evaluate(net, [ex], 1.0)
-    assert before.agreement == 0.0  # the initial zero head scores everything 0
-    trainer = PreferenceTrainer(net, lr=3e-3, temperature=1.0, seed=0)
-    for _ in range(40):
-        trainer.step(collate([ex]))
-    tree = LifetimeTree(gistnet_for(record, table), table)
-    tree.append(_tokens())
-    scores = score_units(net, unit_inputs(tree, served, TAIL))
-    assert scores[1] > 0  # expand (2,1): expanding it lowered the NLL
-    assert scores[1] > scores[2]  # and prefer it to (2,2), whose expansion hurt
-    after = evaluate(net, [ex], 1.0)
-    assert after.agreement == 1.0
-    assert after.correlation > 0
-
-
-def test_unit_targets_mark_finer_plus_coarser_minus_and_same_zero() -> None:
-    served = _served()
-    finer = _expand(served, 1)
-    assert unit_targets(served, finer).tolist() == [0, 1] + [0] * (len(served.units) - 2)
-    assert unit_targets(finer, served).tolist() == [0, -1, -1, -1, -1] + [0] * (
-        len(finer.units) - 5
-    )
-    assert not unit_targets(served, served).any()
-
-
-def test_raw_block_gets_a_collapse_target_when_the_better_variant_gists_it() -> None:
-    served = _served()
-    units = list(served.units)
-    raw = units.index((0, 13))
-    units[raw] = (1, 13)
-    gisted = Tiling(units, LIFETIME, BLOCK, ROWS)
-    assert unit_targets(served, gisted)[raw] == -1
-    assert unit_targets(gisted, served)[raw] == 1
-
-
-def test_pair_strength_grows_with_the_gap_and_is_normalised_per_record() -> None:
-    served = _served()
-    tilings = [served, _expand(served, 0), _expand(served, 1)]
-    pairs = build_pairs(tilings, [1.0, 1.1, 2.0], TargetConfig())
-    strength = {(p.better, p.worse): float(np.abs(p.targets).max()) for p in pairs[::2]}
-    assert set(strength) == {(0, 1), (0, 2), (1, 2)}
-    assert strength[(0, 2)] > strength[(0, 1)]
-    assert all(0 < s < 1 for s in strength.values())
-    # The same ranking on a 10x larger NLL scale teaches the same strengths.
-    scaled = build_pairs(tilings, [10.0, 11.0, 20.0], TargetConfig())
-    assert [float(np.abs(p.targets).max()) for p in scaled] == pytest.approx(
-        [float(np.abs(p.targets).max()) for p in pairs]
-    )
-
-
-def test_pairs_put_the_best_variant_first_and_respect_max_pairs() -> None:
-    served = _served()
-    tilings = [served, _expand(served, 0), _expand(served, 1), _expand(served, 2)]
-    pairs = build_pairs(tilings, [2.0, 1.0, 1.5, 3.0], TargetConfig(max_pairs=3))
-    assert len(pairs) == 6  # each with its mirror
-    assert all(p.better == 1 for p in pairs)  # best-vs-rest come first
-    assert [p.worse for p in pairs[::2]] == [3, 0, 2]  # largest gap first
-    assert [p.scored for p in pairs] == [3, 1, 0, 1, 2, 1]
-
-
-def test_baseline_that_drops_old_text_is_kept_for_evaluation_only() -> None:
+def test_example_holds_the_records_inputs_prior_and_baselines() -> None:
     record = needle_record(3)
-    ex = example_from_record(record, "1-0", random_table(), TargetConfig())
-    assert "recency" in ex.baselines
-    assert len(ex.variants) == len(record.variants) - 1
-    assert ex.variants[ex.reference].kind == "served"
+    ex = _example(record)
+    u = len(record.units)
+    assert ex.content.shape == (u, random_table().hidden_size)
+    assert ex.content.dtype == torch.float16
+    assert ex.features.shape == (u, N_FEATURES)
+    assert ex.lods.tolist() == [max(unit.lod, 0) for unit in record.units]
+    assert ex.prior.tolist() == pytest.approx([unit.prior for unit in record.units])
+    assert 2 <= len(ex.measured) <= CHOICE.total and ex.labelled
+    assert ex.served_nll == pytest.approx(record.variants[0].mean_nll)
+    assert set(ex.baselines) == {"retrieval", "uniform", "recency"}
+    assert ex.scale == pytest.approx(max(float(ex.value.std()), TargetConfig().min_std))
 
 
-def test_record_is_refused_when_the_gistnet_version_does_not_match() -> None:
+def test_repeated_measurements_of_a_unit_are_averaged() -> None:
+    record = needle_record(1)
+    served = record.variants[0].mean_nll
+    _, gist = _raw_and_gist(record)
+    _with_gains(record, (gist, "expand", served - 0.2), (gist, "expand", served - 0.4))
+    ex = _example(record)
+    assert ex.measured.tolist() == [gist]
+    assert ex.value.tolist() == pytest.approx([0.3], abs=1e-5)
+    assert not ex.labelled  # one unit: nothing to rank
+
+
+def test_records_whose_values_do_not_spread_carry_no_label() -> None:
+    record = needle_record(2)
+    served = record.variants[0].mean_nll
+    raw, gist = _raw_and_gist(record)
+    _with_gains(record, (gist, "expand", served), (raw, "collapse", served))
+    ex = _example(record)
+    assert ex.spread == 0 and not ex.labelled
+    assert ex.scale == TargetConfig().min_std  # the floor: no division by a zero spread
+
+
+def test_old_format_and_unit_less_records_are_rejected_with_the_reason() -> None:
+    with pytest.raises(RecordError, match=r"old format: .* per-unit gains only"):
+        _example(old_format_record(0))
     record = needle_record(0)
-    record.gistnet_version = "gist-tokens-000000000000"
-    with pytest.raises(RecordError, match="gives"):
-        _example(record)
-    record.gistnet_version = "gist-transformer-000000000000"
-    with pytest.raises(RecordError, match="not supported"):
-        _example(record)
-    record.gistnet_version = "tokens"
-    with pytest.raises(RecordError, match="gistnet"):
+    record.ClearField("units")
+    record.ClearField("unit_gains")
+    with pytest.raises(RecordError, match="no units"):
         _example(record)
 
 
-def test_record_is_refused_when_the_window_does_not_start_at_zero() -> None:
-    record = needle_record(0)
-    record.window_start = 64
-    with pytest.raises(RecordError, match="window_start"):
-        _example(record)
+def _broken(kind: str) -> pb.PreferenceRecord:
+    record = needle_record(4, lifetime=277)  # ends in a partial block of 1 token
+    if kind == "served_not_first":
+        record.variants[0].kind = "random"
+    elif kind == "nan_variant":
+        record.variants[1].mean_nll = math.nan
+    elif kind == "nan_gain":
+        record.unit_gains[0].mean_nll = math.inf
+    elif kind == "unit_out_of_range":
+        record.unit_gains[0].unit = len(record.units)
+    elif kind == "partial_block_measured":
+        assert record.units[-1].index == -1
+        record.unit_gains[0].unit = len(record.units) - 1
+    elif kind == "unknown_edit":
+        record.unit_gains[0].edit = "swap"
+    elif kind == "features":
+        del record.units[0].features[-1]
+    elif kind == "content":
+        record.units[0].content_token_ids[0] = 10**6  # outside the vocabulary
+    return record
 
 
-def test_record_is_refused_when_it_names_another_model_or_foreign_tokens() -> None:
-    record = needle_record(0)
-    record.model = "smollm2-135m"
-    with pytest.raises(RecordError, match="model"):
-        example_from_record(record, "1-0", random_table(), TargetConfig(), model="tiny")
-    record = needle_record(0)
-    record.lifetime_token_ids[0] = VOCAB + 5
-    with pytest.raises(RecordError, match="lifetime_token_ids"):
-        _example(record)
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("served_not_first", "not the served"),
+        ("nan_variant", "not finite"),
+        ("nan_gain", "not finite"),
+        ("unit_out_of_range", "not a unit of the served tiling"),
+        ("partial_block_measured", "not a unit of the served tiling"),
+        ("unknown_edit", "not one of"),
+        ("features", "features"),
+        ("content", "vocabulary"),
+    ],
+)
+def test_malformed_records_are_rejected_with_the_reason(kind: str, reason: str) -> None:
+    with pytest.raises(RecordError, match=reason):
+        _example(_broken(kind))
 
 
-def test_record_is_refused_when_no_variant_covers_the_lifetime() -> None:
-    record = needle_record(0)
-    kept = [v for v in record.variants if v.kind == "recency"]
-    del record.variants[:]
-    record.variants.extend(kept)
-    with pytest.raises(RecordError, match="covers the whole lifetime"):
-        _example(record)
+def test_records_of_another_model_are_rejected() -> None:
+    record = needle_record(0, model="/models/other-model")
+    table = random_table()
+    with pytest.raises(RecordError, match="other-model"):
+        example_from_record(record, "1-0", table, TargetConfig(), model="smollm2-135m")
+    # The same model under another directory is fine.
+    example_from_record(record, "1-0", table, TargetConfig(), model="/elsewhere/other-model")
 
 
-def test_same_units_share_one_row_of_the_example_table() -> None:
-    ex = example_from_record(needle_record(5), "1-0", random_table(), TargetConfig())
-    used = np.concatenate([v.rows for v in ex.variants])
-    assert ex.content.shape[0] == len(np.unique(used)) < len(used)
+@pytest.mark.parametrize("lifetime", [10_000, 1_000_000])
+def test_a_record_is_bounded_by_the_budget_not_by_the_lifetime(lifetime: int) -> None:
+    block = 32
+    record = needle_record(0, lifetime=lifetime, block=block, slack=256)
+    # Every unit takes at least a gist's rows: at most budget / rows units, plus the partial block.
+    max_units = record.budget // ROWS + 1
+    assert len(record.units) <= max_units
+    # A unit is its LOD, index, prior and features (< 64 bytes) and at most a block of token ids
+    # (< 5 bytes each); the measurements, variant specs and headers add a few KB.
+    bound = max_units * (64 + 5 * block) + 8 * 1024
+    assert record.ByteSize() <= bound <= 256 * 1024
+    assert record.ByteSize() < lifetime  # far below the lifetime's token ids alone
+    ex = _example(record)  # and the trainer learns from it like any other
+    assert ex.labelled and len(ex.lods) == len(record.units)
+    assert np.isfinite(ex.value).all()

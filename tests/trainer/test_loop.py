@@ -18,7 +18,7 @@ from lens_serve.store.preferences import PREFS_GROUP, PREFS_STREAM, PreferenceLo
 from lens_serve.store.registry import LENSNET
 from lens_serve.v1 import lens_serve_pb2 as pb
 from tests.core_helpers import HIDDEN, random_table
-from tests.trainer_synthetic import needle_record
+from tests.trainer_synthetic import needle_record, old_format_record
 from trainer.config import TrainerSettings
 from trainer.data import REJECTED_KEY, REPLAY_KEY, PreferenceConsumer
 from trainer.gate import GateDecision, GateReport
@@ -85,15 +85,20 @@ async def test_trainer_learns_from_the_stream_and_publishes_when_the_gate_passes
     assert [line for line in lines if line.startswith("published ")] == [
         f"published {v}" for v in result.published
     ]
-    # Every gate, passed or not, reports its held-out agreement: three gates in 60 steps.
+    # Every gate, passed or not, reports its held-out NDCG beside the current version's and the
+    # prior's: three gates in 60 steps.
     reports = [json.loads(line.removeprefix("report ")) for line in lines if line[:7] == "report "]
     assert [r["steps"] for r in reports] == [20, 40, 60]
     assert sum(r["passed"] for r in reports) >= len(result.published)
+    assert all({"new", "current", "prior"} <= set(r) for r in reports)
+    assert reports[-1]["new"]["ndcg"] > reports[-1]["prior"]["ndcg"]
+    assert reports[-1]["new"]["served_vs_recency"] > 0
     current = await LENSNET.current(redis_client)
     assert current == result.published[-1]
     published = await LENSNET.fetch(redis_client, current)
-    assert published.metrics["agreement"] > 0.7
-    assert published.metrics["correlation"] > 0
+    assert published.metrics["ndcg"] > published.metrics["prior_ndcg"]
+    assert published.metrics["ndcg"] >= published.metrics["current_ndcg"]
+    assert published.metrics["agreement"] > 0.8
     assert published.metrics["steps"] % 20 == 0
     assert published.metrics["records"] == RECORDS
     parents = [(await LENSNET.fetch(redis_client, v)).parent for v in result.published]
@@ -238,23 +243,34 @@ async def test_stop_request_finishes_the_step_and_releases_the_lock(
     assert groups[0]["consumers"] == 0  # left the group cleanly
 
 
-async def test_unusable_records_are_acknowledged_and_noted(
+async def test_old_format_and_unusable_records_are_acknowledged_counted_and_noted(
     redis_client: Redis, redis_url: str
 ) -> None:
     await _fill(redis_client, 24)
-    bad = needle_record(99)
-    bad.gistnet_version = "gist-transformer-abcdefabcdef"
     log = PreferenceLog(redis_client)
-    bad_id = await log.append(bad)
+    old_ids = [await log.append(old_format_record(seed)) for seed in (97, 98)]
+    broken = needle_record(99)
+    broken.unit_gains[0].unit = len(broken.units) + 5
+    broken_id = await log.append(broken)
     await log.append(pb.PreferenceRecord())  # no variants at all
+    rejected = {"result": "rejected"}
+    before = _metric("lens_trainer_records_consumed_total", rejected)
     trainer, _ = _trainer(redis_client, redis_url, max_steps=1)
 
     result = await trainer.run()
 
-    assert result.rejected == 2
+    assert result.steps == 1  # the loop trained on the rest
+    assert result.rejected == 4
+    assert _metric("lens_trainer_records_consumed_total", rejected) == before + 4
     assert await _pending(redis_client) == 0
-    notes = [json.loads(n) for n in await redis_client.lrange(REJECTED_KEY, 0, -1)]
-    assert bad_id.decode() in {n["id"] for n in notes}
+    notes = {
+        n["id"]: n["reason"]
+        for n in map(json.loads, await redis_client.lrange(REJECTED_KEY, 0, -1))
+    }
+    for old in old_ids:
+        assert notes[old.decode()].startswith("old format:")
+        assert "per-unit gains only" in notes[old.decode()]
+    assert "not a unit of the served tiling" in notes[broken_id.decode()]
     assert await redis_client.llen(REPLAY_KEY) == 24
 
 

@@ -1,4 +1,4 @@
-"""The pairwise preference loss and the optimizer step."""
+"""The listwise (+ pairwise) loss on per-unit values, batching, and the optimizer step."""
 
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ from lens_serve.core.lensnet import LensNet, LensNetConfig
 from tests.core_helpers import HIDDEN, random_table
 from tests.trainer_synthetic import needle_record
 from trainer.examples import Example, TargetConfig, example_from_record
-from trainer.train import PreferenceTrainer, collate, preference_loss, scores
+from trainer.train import (
+    Batch,
+    LossConfig,
+    PreferenceTrainer,
+    collate,
+    listwise_losses,
+    loss,
+    measured_scores,
+    pairwise_losses,
+    scores,
+)
+
+LISTWISE = LossConfig(pair_weight=0.0)
 
 
 def _examples(n: int, first: int = 0) -> list[Example]:
@@ -24,57 +36,96 @@ def _examples(n: int, first: int = 0) -> list[Example]:
 
 
 def _net(seed: int = 0) -> LensNet:
-    return LensNet(LensNetConfig(hidden_size=HIDDEN, seed=seed))
+    return LensNet(LensNetConfig(hidden_size=HIDDEN, width=16, heads=2, layers=1, seed=seed))
 
 
-def test_loss_is_log2_times_mean_strength_when_scores_are_zero() -> None:
-    batch = collate(_examples(3))
-    loss, agreement = preference_loss(torch.zeros(batch.valid.shape), batch, 1.0)
-    per_pair = batch.targets.abs().sum(1)  # strength per side of the pair
-    assert float(loss) == pytest.approx(math.log(2) * float(per_pair.mean()), rel=1e-5)
-    assert float(agreement) == 0.0  # ties never agree
+def _scatter(batch: Batch, measured_values: torch.Tensor) -> torch.Tensor:
+    """(B, U) scores: `measured_values` (B, M) at the measured units, 0 elsewhere."""
+    padded = measured_values.masked_fill(~batch.measured_valid, 0.0)  # padding points at unit 0
+    return torch.zeros(batch.valid.shape).scatter_add(1, batch.measured, padded)
 
 
-def test_a_constant_score_agrees_with_no_two_sided_pair() -> None:
-    batch = collate(_examples(3))
-    two_sided = ((batch.targets > 0).any(1) & (batch.targets < 0).any(1)).float()
-    assert two_sided.sum() > 0
-    for constant in (-2.0, 2.0):  # "collapse everything" / "expand everything"
-        s = torch.full(batch.valid.shape, constant)
-        margin = (s[batch.pair_variant] * batch.targets).sum(1)
-        assert float((margin[two_sided > 0]).abs().max()) < 1e-5
-        _, agreement = preference_loss(s, batch, 1.0)
-        assert float(agreement) <= 1 - float(two_sided.mean()) + 1e-6
+def test_collate_pads_units_and_measured_units_and_masks_them() -> None:
+    examples = _examples(3)
+    batch = collate(examples)
+    widths = [len(ex.lods) for ex in examples]
+    assert batch.valid.sum(1).tolist() == widths
+    assert batch.valid.shape[1] == max(widths)
+    for row, ex in enumerate(examples):
+        m = len(ex.measured)
+        assert batch.measured[row, :m].tolist() == ex.measured.tolist()
+        assert batch.measured_valid[row].sum() == m
+        assert batch.value[row, :m].tolist() == pytest.approx(ex.value.tolist())
+    assert batch.labelled.all() and batch.labelled_records == 3
 
 
-def test_loss_falls_and_agreement_is_one_when_scores_follow_the_targets() -> None:
-    batch = collate(_examples(3))
-    s = torch.zeros(batch.valid.shape)  # (V, U)
-    for p, row in enumerate(batch.pair_variant.tolist()):
-        s[row] += 3 * batch.targets[p].sign()  # pairs sharing a variant rarely conflict
-    right, agree = preference_loss(s, batch, 1.0)
-    wrong, disagree = preference_loss(-s, batch, 1.0)
-    assert float(right) < math.log(2) * 0.5 < float(wrong)
-    assert float(agree) > 0.9 and float(disagree) < 0.1
-    # A higher temperature softens the loss towards log 2 * strength.
-    soft, _ = preference_loss(s, batch, 10.0)
-    assert float(right) < float(soft)
+def test_listwise_loss_of_equal_scores_is_log_of_the_measured_units() -> None:
+    batch = collate(_examples(4))
+    zero = torch.zeros(batch.valid.shape)
+    per_record = listwise_losses(zero, batch, 1.0)  # uniform q: cross-entropy = log M
+    m = batch.measured_valid.sum(1).double()
+    assert per_record.tolist() == pytest.approx(torch.log(m).tolist(), rel=1e-5)
+    # The pairwise term adds log 2 for every record with a decisive pair (softplus(0)).
+    pairs = pairwise_losses(zero, batch, 1.0, 0.05)
+    assert pairs.tolist() == pytest.approx([math.log(2)] * 4, rel=1e-5)
 
 
-def test_padded_batch_scores_equal_each_variant_scored_alone() -> None:
-    examples = _examples(2)
-    batch = collate(examples, all_variants=True)
+def test_scores_that_follow_the_values_have_the_lower_loss_in_both_terms() -> None:
+    batch = collate(_examples(4))
+    right = _scatter(batch, 50 * batch.value)  # the right order, by far
+    config = LossConfig()
+    assert float(loss(right, batch, config)) < float(loss(-right, batch, config))
+    assert float(loss(right, batch, LISTWISE)) < float(loss(-right, batch, LISTWISE))
+    assert float(pairwise_losses(right, batch, 1.0, 0.05).mean()) < 0.1 * math.log(2)
+    # Scores equal to the target logits t / τ_t reach the listwise minimum (the targets' entropy);
+    # a higher temperature flattens q towards uniform and the loss rises.
+    exact = _scatter(batch, batch.value / batch.scale[:, None])
+    target = torch.softmax(
+        (batch.value / batch.scale[:, None]).masked_fill(~batch.measured_valid, -1e9), 1
+    )
+    entropy = -(target * target.clamp(min=1e-30).log()).sum(1).mean()
+    assert float(loss(exact, batch, LISTWISE)) == pytest.approx(float(entropy), rel=1e-4)
+    hotter = LossConfig(temperature=10.0, pair_weight=0.0)
+    assert float(loss(exact, batch, LISTWISE)) < float(loss(exact, batch, hotter))
+
+
+def test_pairwise_term_counts_only_decisive_pairs() -> None:
+    batch = collate(_examples(1))
+    m = int(batch.measured_valid.sum())
+    s = torch.zeros(batch.valid.shape)
+    t = batch.value[0, :m].double()
+    s = s.scatter(1, batch.measured, torch.randn(1, batch.measured.shape[1]))
+    ms = measured_scores(s, batch)[0, :m].double()
+    terms = [
+        math.log1p(math.exp(-(ms[a] - ms[b])))
+        for a in range(m)
+        for b in range(m)
+        if t[a] - t[b] >= 0.05
+    ]
+    got = float(pairwise_losses(s, batch, 1.0, 0.05)[0])
+    assert got == pytest.approx(float(np.mean(terms)), rel=1e-5)
+    # With a gap no pair reaches, the term is 0 (not NaN).
+    assert float(pairwise_losses(s, batch, 1.0, 100.0)[0]) == 0.0
+
+
+def test_padded_batch_scores_equal_each_record_scored_alone() -> None:
+    examples = _examples(3)
+    batch = collate(examples)
     net = _net()
     torch.nn.init.normal_(net.head.weight, std=0.5)
     with torch.inference_mode():
-        together = scores(net, batch)  # (V, U)
-        for row, (e, v) in enumerate(batch.variant_index):
-            alone = collate([examples[e]], all_variants=True)
-            own = alone.variant_index.index((0, v))
-            u = int(alone.valid[own].sum())
-            torch.testing.assert_close(
-                together[row, :u], scores(net, alone)[own, :u], rtol=1e-4, atol=1e-5
-            )
+        together = scores(net, batch)  # (B, U)
+        for row, ex in enumerate(examples):
+            alone = scores(net, collate([ex]))[0]  # (U_ex,)
+            u = len(ex.lods)
+            torch.testing.assert_close(together[row, :u], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_the_prior_alone_scores_the_records_prior() -> None:
+    examples = _examples(2)
+    batch = collate(examples)
+    for row, ex in enumerate(examples):
+        assert scores(None, batch)[row, : len(ex.prior)].tolist() == ex.prior.tolist()
 
 
 def test_training_steps_are_deterministic_when_the_seed_is_fixed() -> None:
@@ -82,7 +133,7 @@ def test_training_steps_are_deterministic_when_the_seed_is_fixed() -> None:
     states = []
     for _ in range(2):
         net = _net(seed=7)
-        trainer = PreferenceTrainer(net, lr=1e-3, temperature=1.0, seed=7)
+        trainer = PreferenceTrainer(net, lr=1e-3, seed=7)
         for batch in batches:
             trainer.step(batch)
         states.append(net.state_dict())
@@ -92,16 +143,23 @@ def test_training_steps_are_deterministic_when_the_seed_is_fixed() -> None:
 
 def test_training_lowers_the_loss_on_the_batches_it_sees() -> None:
     batch = collate(_examples(8))
-    trainer = PreferenceTrainer(_net(), lr=3e-3, temperature=1.0)
+    trainer = PreferenceTrainer(_net(), lr=3e-3)
     first = trainer.step(batch)
     for _ in range(30):
         last = trainer.step(batch)
-    assert last.loss < first.loss * 0.5
-    assert last.agreement > 0.9
+    assert last.loss < first.loss - 0.3
+    assert last.records == 8
     assert np.isfinite(last.grad_norm)
 
 
-def test_step_refuses_a_batch_without_pairs() -> None:
-    trainer = PreferenceTrainer(_net(), lr=1e-3, temperature=1.0)
-    with pytest.raises(ValueError, match="pair"):
+def test_step_refuses_a_batch_without_labelled_records() -> None:
+    trainer = PreferenceTrainer(_net(), lr=1e-3)
+    with pytest.raises(ValueError, match="labelled"):
         trainer.step(collate([]))
+
+
+def test_loss_config_refuses_bad_values() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        LossConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="pair_weight"):
+        LossConfig(pair_weight=-1.0)
