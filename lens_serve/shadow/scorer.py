@@ -4,10 +4,10 @@ A sampled request leaves a job in a bounded queue; a background worker scores th
 (the completion, or the prompt's last tokens held out) after the served working context and after
 the served tiling with one unit changed at a time (see `counterfactual`): the units the retrieval
 prior and LensNet point at and a few at random. It also scores the baseline policies (and, for
-comparison, random multi-edit variants). All of a job's variants go to the vLLM engine at once, at
-low priority, so they batch and share the served prefix through the prefix cache. The record
-carries LensNet's inputs for the served tiling and the per-unit gains, not the lifetime, so its
-size is bounded by the budget however long the session is. Serving never waits for this: a full
+comparison, random multi-edit variants). The served WC goes to the vLLM engine first, at low
+priority, then all the others at once: they batch, and read the served prefix from the cache. The
+record carries LensNet's inputs for the served tiling and the per-unit gains, not the lifetime, so
+its size is bounded by the budget however long the session is. Serving never waits for this: a full
 queue or an unreachable Redis drops the job and counts it."""
 
 from __future__ import annotations
@@ -148,8 +148,11 @@ class ShadowScorer:
         plan = await asyncio.to_thread(self._plan, job, tree, seed)
         contexts = [wc for _, wc, _, _ in plan.variants]
         contexts += [e.tiling.to_working_context("lens") for e in plan.edits]
-        # All at once: vLLM batches them, and each reads the served prefix from its cache.
-        nlls = await asyncio.gather(*(self._nll(tree, wc, job.target_ids) for wc in contexts))
+        # The served WC first, so that its rows are in the prefix cache; then the rest at once:
+        # vLLM batches them, and each recomputes only the rows after its first change.
+        first = await self._nll(tree, contexts[0], job.target_ids)
+        rest = await asyncio.gather(*(self._nll(tree, wc, job.target_ids) for wc in contexts[1:]))
+        nlls = [first, *rest]
         record = pb.PreferenceRecord(
             model=self._model,
             gistnet_version=tree.gistnet_version,
