@@ -254,15 +254,7 @@ class Cluster:
             sentinel.close()
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_all(self.procs)
 
     @property
     def master(self) -> subprocess.Popen[bytes]:
@@ -412,15 +404,7 @@ class TLSCluster:
         sentinel.close()
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop_all(self.procs)
 
     def url(self, *, ca: Path | None = None, client_cert: bool = True) -> str:
         query = f"ssl_ca_certs={ca or self.tls.cert}&ssl_cert_reqs=required"
@@ -511,3 +495,16 @@ async def test_rediss_url_reads_the_same_parameters(tls_cluster: TLSCluster) -> 
             await client.ping()
     finally:
         await client.aclose()
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate every process, then wait for each (killing one that does not go in 5 s)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
