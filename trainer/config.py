@@ -40,7 +40,11 @@ class TrainerSettings(BaseSettings):
     """Weight of the pairwise term beside the listwise one (0: listwise only); see trainer.train
     for what it measurably adds."""
     pair_gap: float = Field(default=0.05, ge=0)
-    """nats: unit pairs whose values differ by less are ignored by the pairwise term."""
+    """nats: unit pairs whose values differ by less, and units worth less either way, are ignored
+    by the pairwise and sign terms."""
+    sign_weight: float = Field(default=1.0, ge=0)
+    """Weight of the sign term: scores above 0 where showing a unit finer helped, below where it
+    hurt (the allocator acts on the level, not only the order); see trainer.train."""
     seed: int = 0
     """Seed of the initial LensNet (when Redis names no current version) and of batch sampling."""
     claim_idle_ms: int = Field(default=60_000, ge=0)
@@ -94,7 +98,7 @@ class TrainerSettings(BaseSettings):
 
     @property
     def loss(self) -> LossConfig:
-        return LossConfig(self.temperature, self.pair_weight, self.pair_gap)
+        return LossConfig(self.temperature, self.pair_weight, self.pair_gap, self.sign_weight)
 
     def non_defaults(self) -> dict[str, object]:
         """Fields that differ from their defaults (logged once at start-up)."""

@@ -8,16 +8,14 @@ and t their values (trainer.examples):
 - pairwise (logistic), times `pair_weight`: the mean of softplus(-(s_a - s_b) / temperature) over
   the unit pairs with t_a - t_b >= `pair_gap`. Every decisive pair counts the same, so the small
   but consistent differences (a collapse that frees rows, an expand that costs some) are ranked
-  too: with τ_t set by the needle they are near-ties for the listwise term. On the synthetic
-  held-out records (tests/trainer_synthetic.py; 40 training records, 100 steps, mean of 3 seeds)
-  listwise alone reached NDCG 0.972 / agreement 0.830, with the pairwise term (weight 1) 0.988 /
-  0.956 (the prior: 0.835 / 0.504). With 0.1 nats of noise on every NLL the two were level
-  (0.917 / 0.920): the term helps as far as the small differences are real.
-The record losses are averaged, so a record weighs the same however many units it measured. Both
-terms teach the order of a record's units only (adding a constant to its scores changes neither):
-the allocator takes expands in score order and funds them with the lowest-scored collapses, but it
-also needs a score above `FocusConfig.expand_threshold` to expand at all, a level nothing here
-fits (the residual starts at zero and weight decay keeps it near)."""
+  too: with τ_t set by the needle they are near-ties for the listwise term;
+- sign (logistic), times `sign_weight`: the mean of softplus(-sign(t) s / temperature) over the
+  units with |t| >= `pair_gap`. The first two terms teach only the order of a record's units
+  (adding a constant to its scores changes neither), but the allocator acts on the level too: it
+  expands a unit only above `FocusConfig.expand_threshold`, and a negative score is what allows a
+  collapse. This term puts units worth showing finer above 0 and the others below.
+The record losses are averaged, so a record weighs the same however many units it measured.
+docs/experiments.md has what each term measurably adds."""
 
 from __future__ import annotations
 
@@ -130,6 +128,17 @@ def pairwise_losses(
     return (per_pair * decisive).sum(dim=(1, 2)) / decisive.sum(dim=(1, 2)).clamp(min=1.0)
 
 
+def sign_losses(
+    unit_scores: torch.Tensor, batch: Batch, temperature: float, gap: float
+) -> torch.Tensor:
+    """(B,) mean logistic loss of each record's units with |t| >= gap on the sign of t (0 for a
+    record without one)."""
+    s = measured_scores(unit_scores, batch) / temperature  # (B, M)
+    decisive = (batch.measured_valid & (batch.value.abs() >= gap)).float()  # (B, M)
+    per_unit = F.softplus(-batch.value.sign() * s)  # (B, M)
+    return (per_unit * decisive).sum(dim=1) / decisive.sum(dim=1).clamp(min=1.0)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     temperature: float = 1.0
@@ -137,13 +146,16 @@ class LossConfig:
     pair_weight: float = 1.0
     """Weight of the pairwise term (0: listwise only)."""
     pair_gap: float = 0.05
-    """nats: unit pairs whose values differ by less are near-ties the pairwise term ignores."""
+    """nats: unit pairs whose values differ by less, and units worth less either way, are
+    near-ties the pairwise and sign terms ignore."""
+    sign_weight: float = 1.0
+    """Weight of the sign term (0: order only, the scores' level is left free)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.pair_weight < 0 or self.pair_gap < 0:
-            raise ValueError("pair_weight and pair_gap must be >= 0")
+        if self.pair_weight < 0 or self.pair_gap < 0 or self.sign_weight < 0:
+            raise ValueError("pair_weight, pair_gap and sign_weight must be >= 0")
 
 
 def record_losses(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -> torch.Tensor:
@@ -152,6 +164,9 @@ def record_losses(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -
     if config.pair_weight > 0:
         pairs = pairwise_losses(unit_scores, batch, config.temperature, config.pair_gap)
         out = out + config.pair_weight * pairs
+    if config.sign_weight > 0:
+        signs = sign_losses(unit_scores, batch, config.temperature, config.pair_gap)
+        out = out + config.sign_weight * signs
     return out
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from lens_serve.core.allocator import FocusConfig
 from lens_serve.core.lensnet import LensNet, LensNetConfig
 from tests.core_helpers import HIDDEN, random_lensnet, random_table
 from tests.trainer_synthetic import needle_record
@@ -24,7 +25,7 @@ from trainer.gate import (
     ndcg,
     pair_agreement,
 )
-from trainer.train import PreferenceTrainer, collate
+from trainer.train import PreferenceTrainer, collate, measured_scores, scores
 
 TRAIN_RECORDS = 40
 
@@ -90,6 +91,21 @@ def test_training_raises_held_out_ndcg_above_the_prior_and_an_untrained_lensnet(
     assert new.loss < prior.loss
     decision = decide(new, evaluate(_net(), held), prior, min_records=4)
     assert decision.passed, decision.reason
+
+
+def test_trained_scores_clear_the_expand_threshold_where_a_unit_helped_and_zero_where_it_hurt(
+    split: tuple[list[Example], list[Example]], trained: LensNet
+) -> None:
+    # The allocator acts on the scores' level, not only their order (the sign term's job).
+    _, held = split
+    batch = collate(held)
+    with torch.no_grad():
+        s = measured_scores(scores(trained, batch), batch)  # (B, M)
+    helped = batch.measured_valid & (batch.value > 0.2)
+    hurt = batch.measured_valid & (batch.value < -0.2)
+    assert helped.sum() >= 20 and hurt.sum() >= 5
+    assert (s[helped] > FocusConfig().expand_threshold).float().mean() > 0.9
+    assert (s[hurt] < 0).float().mean() > 0.9
 
 
 def test_gate_refuses_a_worse_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -22,9 +23,10 @@ from trainer.train import (
     measured_scores,
     pairwise_losses,
     scores,
+    sign_losses,
 )
 
-LISTWISE = LossConfig(pair_weight=0.0)
+LISTWISE = LossConfig(pair_weight=0.0, sign_weight=0.0)
 
 
 def _examples(n: int, first: int = 0) -> list[Example]:
@@ -85,8 +87,25 @@ def test_scores_that_follow_the_values_have_the_lower_loss_in_both_terms() -> No
     )
     entropy = -(target * target.clamp(min=1e-30).log()).sum(1).mean()
     assert float(loss(exact, batch, LISTWISE)) == pytest.approx(float(entropy), rel=1e-4)
-    hotter = LossConfig(temperature=10.0, pair_weight=0.0)
+    hotter = LossConfig(temperature=10.0, pair_weight=0.0, sign_weight=0.0)
     assert float(loss(exact, batch, LISTWISE)) < float(loss(exact, batch, hotter))
+
+
+def test_sign_term_wants_scores_above_zero_where_the_value_is_positive_and_ignores_near_ties() -> (
+    None
+):
+    batch = collate(_examples(4))
+    right = _scatter(batch, 50 * batch.value.sign())
+    assert float(sign_losses(right, batch, 1.0, 0.05).mean()) < 1e-6
+    assert float(sign_losses(-right, batch, 1.0, 0.05).mean()) > 10
+    shifted = _scatter(batch, batch.value + 100.0)  # the same order, every unit far above zero
+    assert float(loss(shifted, batch, LISTWISE)) == pytest.approx(
+        float(loss(_scatter(batch, batch.value), batch, LISTWISE)), rel=1e-4
+    )  # order-only terms cannot see the level ...
+    assert float(sign_losses(shifted, batch, 1.0, 0.05).mean()) > 1  # ... the sign term does
+    ties = torch.zeros_like(batch.value)  # every value below the gap: nothing to sign
+    tied = dataclasses.replace(batch, value=ties)
+    assert float(sign_losses(_scatter(batch, -ties - 5), tied, 1.0, 0.05).sum()) == 0.0
 
 
 def test_pairwise_term_counts_only_decisive_pairs() -> None:
