@@ -22,9 +22,9 @@ logger = logging.getLogger(__name__)
 PREFS_STREAM = "lens:prefs"
 PREFS_GROUP = "trainers"
 RECORD_FIELD = "record"
-# Enough for hours of shadow records at typical rates while bounding Redis memory (a record with
-# an 8k-token window and ~8 variants is ~40 KB, so ~4 GB at the cap); the cap is approximate
-# (`~`) so Redis trims whole macro-nodes cheaply.
+# Enough for hours of shadow records at typical rates while bounding Redis memory (a record's size
+# follows the budget, not the session: tens of KB at W = 1024, a few GB at the cap); the cap is
+# approximate (`~`) so Redis trims whole macro-nodes cheaply.
 DEFAULT_MAXLEN = 100_000
 
 
