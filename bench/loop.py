@@ -29,6 +29,7 @@ import json
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -139,7 +140,7 @@ def dumped_records(path: Path) -> list[Any]:
 
 
 async def million_token_request(
-    client: LensClient, stack: Stack, tokenizer: Tokenizer, args: argparse.Namespace
+    client: LensClient, stack: Stack, tokenizer: Tokenizer
 ) -> dict[str, Any]:
     """One request on a 1M-token session: its record's size (the trainer consumes it live)."""
     assert stack.service.shadow is not None
@@ -313,18 +314,40 @@ async def records_per_second(redis: Redis, n: int) -> dict[str, float]:
     }
 
 
-def start_trainer(redis_url: str, model_dir: Path, args: argparse.Namespace) -> Any:
-    import subprocess
+class TrainerProcess:
+    """The `lens-trainer` subprocess, started again if it exits (as its Deployment would be): a
+    trainer whose lock lease ran out stops without publishing, by design."""
 
-    cmd = [
-        sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
-        "--redis-url", redis_url, "--model", str(model_dir),
-        "--min-records", str(args.min_records), "--steps-per-version", str(args.steps_per_version),
-        "--batch-size", str(args.batch_size), "--held-out-every", "5",
-    ]  # fmt: skip
-    # One thread: the trainer shares the machine's cores with the engine it is training for.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    def __init__(self, redis_url: str, model_dir: Path, args: argparse.Namespace) -> None:
+        self._cmd = [
+            sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
+            "--redis-url", redis_url, "--model", str(model_dir),
+            "--min-records", str(args.min_records),
+            "--steps-per-version", str(args.steps_per_version),
+            "--batch-size", str(args.batch_size), "--held-out-every", "5",
+        ]  # fmt: skip
+        self.output: list[str] = []
+        self.restarts = 0
+        self._proc = self._start()
+
+    def _start(self) -> subprocess.Popen[str]:
+        # One thread: the trainer shares the machine's cores with the engine it is training for.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.Popen(self._cmd, env=env, stdout=subprocess.PIPE, text=True)
+
+    def ensure_running(self) -> None:
+        if self._proc.poll() is not None:
+            assert self._proc.stdout is not None
+            self.output += self._proc.stdout.read().splitlines()
+            print(f"trainer exited ({self._proc.returncode}): started again", flush=True)
+            self.restarts += 1
+            self._proc = self._start()
+
+    async def stop(self) -> list[str]:
+        self._proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(self._proc.communicate, timeout=120)
+        self.output += out.splitlines()
+        return self.output
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,11 +381,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     {"records": 0, "version": evaluator.service.weights.version,
                      "exact_match": await exact_match(eval_client, tokenizer, args)}
                 )  # fmt: skip
-                trainer = start_trainer(redis_server.url, model_dir, args)
+                trainer = TrainerProcess(redis_server.url, model_dir, args)
                 traffic = Traffic(client, stack, args.budget)
                 maker = SuiteTraffic(tokenizer, args.lifetime, answer_tokens(tokenizer), TRAIN_SEED)
-                began = time.monotonic()
                 traffic_s = 0.0
+                million: dict[str, Any] | None = None
                 while traffic_s < args.traffic_seconds:
                     leg = min(args.checkpoint_seconds, args.traffic_seconds - traffic_s)
                     stop = time.monotonic() + leg
@@ -370,6 +393,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         traffic.suite(maker, stop), traffic.probes_every(args.probe_interval, stop)
                     )
                     traffic_s += leg
+                    trainer.ensure_running()
+                    if million is None:  # early, so the trainer learns from it with the rest
+                        million = await million_token_request(client, stack, tokenizer)
+                        print(f"1M-token session: {million}", flush=True)
                     records = await stack.redis.xlen(PREFS_STREAM)
                     print(f"checkpoint after {traffic_s:.0f} s, {records} records:", flush=True)
                     curve.append(
@@ -377,16 +404,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                          "version": evaluator.service.weights.version,
                          "exact_match": await exact_match(eval_client, tokenizer, args)}
                     )  # fmt: skip
-                wall_s = time.monotonic() - began
-                million = await million_token_request(client, stack, tokenizer, args)
-                print(f"1M-token session: {million}", flush=True)
+                assert million is not None
+                trainer.ensure_running()
                 await asyncio.sleep(args.trainer_grace)  # the trainer reads the newest records
                 million["trainer"] = await trainer_stored(stack.redis, million["entry_id"])
-                trainer.send_signal(signal.SIGTERM)
-                trainer_out, _ = await asyncio.to_thread(trainer.communicate, timeout=120)
+                trainer_out = await trainer.stop()
                 gates = [
                     json.loads(line.removeprefix("report "))
-                    for line in trainer_out.splitlines()
+                    for line in trainer_out
                     if line.startswith("report ")
                 ]
                 dump_path = args.out.with_name("loop_records.bin")
@@ -416,7 +441,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "gates": gates,
         "published_versions": [v.version for v in published],
         "labels": label_counts(measured),
-        "score_passes_per_s": passes / wall_s,
+        "score_passes_per_s": passes / traffic_s,  # the 1M request's passes included
         "record_bytes": summary([float(r.ByteSize()) for r in measured]),
         "million": million,
         "swap_latency_s": summary(latencies),
@@ -426,9 +451,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "records_logged": logged,
         "shadow_jobs_dropped": dropped,
         "redis_append": redis_rate,
-        "trainer_output_tail": [
-            line for line in trainer_out.splitlines() if not line.startswith("report ")
-        ][-5:],
+        "trainer_restarts": trainer.restarts,
+        "trainer_output_tail": [line for line in trainer_out if not line.startswith("report ")][
+            -5:
+        ],
     }
 
 
