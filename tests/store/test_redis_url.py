@@ -197,8 +197,8 @@ def _replica_known(sentinel: redis.Redis) -> bool:
     return any(r["flags"] == "slave" and r["master-link-status"] == "ok" for r in replicas)
 
 
-class Cluster:
-    """A TCP primary, one replica and two Sentinels monitoring them, all on 127.0.0.1."""
+class _Servers:
+    """redis-server processes started in `directory` (their logs there too), stopped together."""
 
     def __init__(self, directory: Path) -> None:
         executable = shutil.which("redis-server")
@@ -207,12 +207,31 @@ class Cluster:
         self._exe = executable
         self._dir = directory
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.master_port, self.replica_port = _free_port(), _free_port()
-        self.sentinel_ports = [_free_port(), _free_port()]
 
     def _start(self, name: str, args: list[str]) -> None:
         with (self._dir / f"{name}.log").open("ab") as log:  # a file, never a PIPE
             self.procs.append(subprocess.Popen([self._exe, *args], stdout=log, stderr=log))
+
+    def stop(self) -> None:
+        """Terminate every process, then wait for each (killing one that does not go in 5 s)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Cluster(_Servers):
+    """A TCP primary, one replica and two Sentinels monitoring them, all on 127.0.0.1."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.master_port, self.replica_port = _free_port(), _free_port()
+        self.sentinel_ports = [_free_port(), _free_port()]
 
     def _node_args(self, name: str, port: int) -> list[str]:
         node_dir = self._dir / name
@@ -252,9 +271,6 @@ class Cluster:
             # A replica is promotable once this Sentinel has its INFO and sees its link up.
             _wait_until(partial(_replica_known, sentinel), self.procs, "sentinel")
             sentinel.close()
-
-    def stop(self) -> None:
-        _stop_all(self.procs)
 
     @property
     def master(self) -> subprocess.Popen[bytes]:
@@ -355,23 +371,14 @@ def _primary_info_known(sentinel: redis.Redis) -> bool:
     return isinstance(state, dict) and bool(state.get("runid"))
 
 
-class TLSCluster:
+class TLSCluster(_Servers):
     """A TLS-only primary and one TLS-only Sentinel monitoring it (over TLS), on 127.0.0.1."""
 
     def __init__(self, directory: Path) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            pytest.fail("redis-server not found: apt-get install redis-server")
-        self._exe = executable
-        self._dir = directory
+        super().__init__(directory)
         self.tls = make_tls_files(directory, "redis")
         self.other_ca = make_tls_files(directory, "other-ca")  # a CA that did not sign it
-        self.procs: list[subprocess.Popen[bytes]] = []
         self.master_port, self.sentinel_port = _free_port(), _free_port()
-
-    def _start(self, name: str, args: list[str]) -> None:
-        with (self._dir / f"{name}.log").open("ab") as log:  # a file, never a PIPE
-            self.procs.append(subprocess.Popen([self._exe, *args], stdout=log, stderr=log))
 
     def _client(self, port: int, password: str | None = None) -> redis.Redis:
         return redis.Redis(port=port, password=password, ssl=True,
@@ -402,9 +409,6 @@ class TLSCluster:
         # The Sentinel has the primary's INFO (run id): its own TLS link to the primary works.
         _wait_until(partial(_primary_info_known, sentinel), self.procs, "sentinel")
         sentinel.close()
-
-    def stop(self) -> None:
-        _stop_all(self.procs)
 
     def url(self, *, ca: Path | None = None, client_cert: bool = True) -> str:
         query = f"ssl_ca_certs={ca or self.tls.cert}&ssl_cert_reqs=required"
@@ -495,16 +499,3 @@ async def test_rediss_url_reads_the_same_parameters(tls_cluster: TLSCluster) -> 
             await client.ping()
     finally:
         await client.aclose()
-
-
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Terminate every process, then wait for each (killing one that does not go in 5 s)."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
