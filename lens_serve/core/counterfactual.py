@@ -93,6 +93,10 @@ def unit_edits(
             break
         picked.append((rest[int(rng.integers(len(rest)))], "random", 1.0 / len(rest)))
 
+    # The blocks an expand may collapse to pay for itself, least relevant (then oldest) first.
+    payers = sorted(
+        (p for p, e in legal.items() if e == "collapse"), key=lambda p: (relevance[p], p)
+    )
     out = []
     for position, source, probability in picked:
         edit = legal[position]
@@ -101,7 +105,7 @@ def unit_edits(
             units[position] = (1, units[position][1])
             out.append(UnitEdit(position, edit, source, probability, tiling.with_units(units), 0))
             continue
-        funded = _expand(tiling, position, budget, tail, node_counts, relevance)
+        funded = _expand(tiling, position, budget, payers)
         if funded is not None:
             out.append(UnitEdit(position, edit, source, probability, funded[0], funded[1]))
     return out
@@ -120,22 +124,13 @@ def _legal_edits(tiling: Tiling, tail: int, node_counts: list[int]) -> dict[int,
 
 
 def _expand(
-    tiling: Tiling,
-    position: int,
-    budget: int,
-    tail: int,
-    node_counts: list[int],
-    relevance: np.ndarray,
+    tiling: Tiling, position: int, budget: int, payers: list[int]
 ) -> tuple[Tiling, int] | None:
-    """`tiling` with unit `position` expanded, paid for by collapsing the least relevant raw
-    blocks (oldest first among equals); None if the budget cannot be met."""
+    """`tiling` with unit `position` expanded, paid for by collapsing raw blocks at `payers` in
+    order as far as needed; None if the budget cannot be met."""
     b, r = tiling.block_size, tiling.gist_rows
     unit = tiling.units[position]
     slack = budget - tiling.rows - expansion_cost(unit, b, r)
-    payers = sorted(
-        (p for p, e in _legal_edits(tiling, tail, node_counts).items() if e == "collapse"),
-        key=lambda p: (relevance[p], p),
-    )
     collapsed: list[int] = []
     for p in payers:
         if slack >= 0:

@@ -216,15 +216,15 @@ class ShadowScorer:
             ("served", served, spec_from_working_context(served), [])
         ]
         rng = np.random.default_rng(seed)
+        counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         units: list[pb.UnitInput] = []
         edits: list[UnitEdit] = []
         if tiling is not None:  # only a tiling has units to change (the lens policy serves one)
-            units, edits = self._unit_edits(job, tree, tiling, rng)
+            units, edits = self._unit_edits(job, tree, tiling, counts, rng)
         base = tiling or fill_newest_first(
             coarsest_tiling(n, tail, tree.levels, tree.block_size, tree.gist_rows, tree.frame_rows),
             budget,
         )
-        counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         seen = {served.signature()}
         guide = tiling_query_match(tree, base, job.query)  # (U,) explore where the query points
         for _ in range(self._config.random_variants):
@@ -252,7 +252,12 @@ class ShadowScorer:
         return _Plan(units, edits, variants)
 
     def _unit_edits(
-        self, job: ShadowJob, tree: LifetimeTree, tiling: Tiling, rng: np.random.Generator
+        self,
+        job: ShadowJob,
+        tree: LifetimeTree,
+        tiling: Tiling,
+        counts: list[int],
+        rng: np.random.Generator,
     ) -> tuple[list[pb.UnitInput], list[UnitEdit]]:
         """LensNet's inputs for the served tiling, and the one-unit changes to measure."""
         words = default_query(tree) if job.query is None else job.query
@@ -261,7 +266,6 @@ class ShadowScorer:
         inputs = unit_inputs(tree, tiling, job.tail, job.query)  # U' = units (+ partial block)
         lens = prior + score_units(job.chooser.lensnet, inputs)[: len(prior)]  # (U,)
         relevance = unit_relevance(tiling, tree.index.bm25(words))  # (U,)
-        counts = [tree.node_count(k) for k in range(tree.levels + 1)]
         edits = unit_edits(
             tiling, job.budget, job.tail, counts, relevance, lens, self._config.units, rng
         )
