@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -316,7 +317,9 @@ async def records_per_second(redis: Redis, n: int) -> dict[str, float]:
 
 class TrainerProcess:
     """The `lens-trainer` subprocess, started again if it exits (as its Deployment would be): a
-    trainer whose lock lease ran out stops without publishing, by design."""
+    trainer whose lock lease ran out stops without publishing, by design. Its stdout is read as
+    it is written: a pipe nobody reads fills up (64 KiB, about 50 gate reports) and then blocks
+    the trainer's event loop in `write`, lock renewals included."""
 
     def __init__(self, redis_url: str, model_dir: Path, args: argparse.Namespace) -> None:
         self._cmd = [
@@ -328,25 +331,32 @@ class TrainerProcess:
         ]  # fmt: skip
         self.output: list[str] = []
         self.restarts = 0
-        self._proc = self._start()
+        self._proc, self._reader = self._start()
 
-    def _start(self) -> subprocess.Popen[str]:
+    def _start(self) -> tuple[subprocess.Popen[str], threading.Thread]:
         # One thread: the trainer shares the machine's cores with the engine it is training for.
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.Popen(self._cmd, env=env, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(self._cmd, env=env, stdout=subprocess.PIPE, text=True)
+        reader = threading.Thread(target=self._drain, args=(proc,), daemon=True)
+        reader.start()
+        return proc, reader
+
+    def _drain(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line.rstrip("\n"))
 
     def ensure_running(self) -> None:
         if self._proc.poll() is not None:
-            assert self._proc.stdout is not None
-            self.output += self._proc.stdout.read().splitlines()
+            self._reader.join()
             print(f"trainer exited ({self._proc.returncode}): started again", flush=True)
             self.restarts += 1
-            self._proc = self._start()
+            self._proc, self._reader = self._start()
 
     async def stop(self) -> list[str]:
         self._proc.send_signal(signal.SIGTERM)
-        out, _ = await asyncio.to_thread(self._proc.communicate, timeout=120)
-        self.output += out.splitlines()
+        await asyncio.to_thread(self._proc.wait, timeout=120)
+        await asyncio.to_thread(self._reader.join)
         return self.output
 
 
