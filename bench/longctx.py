@@ -18,6 +18,10 @@ do at all). `--split dev` draws other samples than `--split test` (the one repor
 settings on dev, report test.
 
     python bench/longctx.py [--split test] [--samples 6] [--lifetimes 4096 8192 32768 131072]
+        [--lens-records bench/out/loop_records.bin]
+
+`--lens-records` trains LensNet offline on a dump of preference records (`lens-trainer run
+--offline-dump`, the gate included) and serves the published version as `lens`.
 
 Writes the JSON (and a PNG: exact match against lifetime per task, one line per policy)."""
 
@@ -27,6 +31,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,7 +48,7 @@ from lens_serve.assets.model_dirs import TOKENIZER_NAME, resolve_model
 from lens_serve.client import LensClient
 from lens_serve.engine.vllm import VllmEngine
 from lens_serve.service.config import Settings
-from lens_serve.service.inprocess import serving_stack
+from lens_serve.service.inprocess import Stack, serving_stack
 from lens_serve.store.embedded import EmbeddedRedis
 
 TASKS = ("single", "multikey", "multivalue", "paraphrase", "twohop")
@@ -308,11 +314,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     engine_config = Settings(**settings_kw, redis_url="redis://unused").engine_config(model_dir)
     engine = await VllmEngine.create(replace(engine_config, max_num_seqs=4))
     cells: dict[str, dict[str, Any]] = {}
+    lens: dict[str, Any] = {"version": "initial (untrained)"}
     began = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as data, EmbeddedRedis(Path(data)) as redis_server:
             settings = Settings(**settings_kw, redis_url=redis_server.url)
             async with serving_stack(settings, engine) as stack, LensClient(stack.target) as client:
+                if args.lens_records is not None:
+                    lens = await trained_lens(args, model_dir, redis_server.url, stack)
                 for lifetime in args.lifetimes:
                     for task in args.tasks:
                         key = f"{task}/{lifetime}"
@@ -320,12 +329,46 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             client, tokenizer, haystack, task, lifetime, args
                         )
                         print(summary_lines({key: cells[key]})[0], flush=True)
-                        partial = {"config": _config(args), "cells": cells, "complete": False}
+                        partial = {
+                            "config": _config(args), "lens": lens, "cells": cells,
+                            "complete": False,
+                        }  # fmt: skip
                         args.out.write_text(json.dumps(partial, indent=1))  # survives a stop
     finally:
         await engine.shutdown()
     seconds = time.perf_counter() - began
-    return {"config": _config(args), "seconds": seconds, "cells": cells, "complete": True}
+    return {
+        "config": _config(args), "lens": lens, "seconds": seconds, "cells": cells, "complete": True
+    }  # fmt: skip
+
+
+async def trained_lens(
+    args: argparse.Namespace, model_dir: Path, redis_url: str, stack: Stack
+) -> dict[str, Any]:
+    """Train LensNet on `args.lens_records` with the trainer's offline run, and wait until the
+    server swaps in the version it published; its gate report goes into the results."""
+    cmd = [
+        sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
+        "--offline-dump", str(args.lens_records), "--redis-url", redis_url,
+        "--model", str(model_dir), "--min-records", "1", "--max-steps", str(args.lens_steps),
+        "--batch-size", "8", "--held-out-every", "5",
+    ]  # fmt: skip
+    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+    lines = done.stdout.splitlines()
+    reports = [json.loads(x.removeprefix("report ")) for x in lines if x.startswith("report ")]
+    published = [x.removeprefix("published ") for x in lines if x.startswith("published ")]
+    if done.returncode != 0 or not published:
+        raise SystemExit(
+            f"--lens-records: the trainer published nothing (exit {done.returncode}): "
+            f"{reports[-1] if reports else done.stderr[-2000:]}"
+        )
+    deadline = time.monotonic() + 60
+    while stack.service.weights.version != published[-1]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--lens-records: the server never swapped in {published[-1]}")
+        await asyncio.sleep(0.2)
+    print(f"lens: {published[-1]}, trained on {args.lens_records}", flush=True)
+    return {"version": published[-1], "records": str(args.lens_records), "gate": reports[-1]}
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -344,6 +387,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/longctx.json"))
+    parser.add_argument(
+        "--lens-records", type=Path, default=None,
+        help="serve as `lens` a LensNet trained offline on this dump of preference records",
+    )  # fmt: skip
+    parser.add_argument("--lens-steps", type=int, default=1000, help="offline training steps")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = asyncio.run(run(args))

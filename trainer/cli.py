@@ -46,6 +46,7 @@ _RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--temperature", "temperature", float, "loss temperature (scores are divided by it)"),
     ("--pair-weight", "pair_weight", float, "weight of the pairwise loss term (0 = listwise only)"),
     ("--sign-weight", "sign_weight", float, "weight of the sign loss term (0 = order only)"),
+    ("--residual-weight", "residual_weight", float, "weight of the residual term (0 = free)"),
     ("--seed", "seed", int, "initial LensNet and sampling seed"),
     ("--claim-idle-ms", "claim_idle_ms", int, "claim entries pending this long"),
     ("--lock-ttl-ms", "lock_ttl_ms", int, "trainer lock lease"),

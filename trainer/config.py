@@ -45,6 +45,9 @@ class TrainerSettings(BaseSettings):
     sign_weight: float = Field(default=1.0, ge=0)
     """Weight of the sign term: scores above 0 where showing a unit finer helped, below where it
     hurt (the allocator acts on the level, not only the order); see trainer.train."""
+    residual_weight: float = Field(default=1.0, ge=0)
+    """Weight of the residual term: LensNet's residual stays near 0 (`lens` = the prior) on the
+    units no measurement speaks for; see trainer.train."""
     seed: int = 0
     """Seed of the initial LensNet (when Redis names no current version) and of batch sampling."""
     claim_idle_ms: int = Field(default=60_000, ge=0)
@@ -98,7 +101,13 @@ class TrainerSettings(BaseSettings):
 
     @property
     def loss(self) -> LossConfig:
-        return LossConfig(self.temperature, self.pair_weight, self.pair_gap, self.sign_weight)
+        return LossConfig(
+            self.temperature,
+            self.pair_weight,
+            self.pair_gap,
+            self.sign_weight,
+            self.residual_weight,
+        )
 
     def non_defaults(self) -> dict[str, object]:
         """Fields that differ from their defaults (logged once at start-up)."""

@@ -13,7 +13,12 @@ and t their values (trainer.examples):
   units with |t| >= `pair_gap`. The first two terms teach only the order of a record's units
   (adding a constant to its scores changes neither), but the allocator acts on the level too: it
   expands a unit only above `FocusConfig.expand_threshold`, and a negative score is what allows a
-  collapse. This term puts units worth showing finer above 0 and the others below.
+  collapse. This term puts units worth showing finer above 0 and the others below;
+- residual (squared), times `residual_weight`: the mean of (s - prior)^2 over all of the record's
+  units. A record measures 8 of its 100-250 units; the other terms leave the rest free, and they
+  are most of what the allocator ranks (the coarse gists of a fresh working context are never
+  measured at all). Without it the residual drifts up everywhere (the sign term's easiest way to
+  lift the few needles) and reorders the units no record spoke for.
 The record losses are averaged, so a record weighs the same however many units it measured.
 docs/experiments.md has what each term measurably adds."""
 
@@ -139,6 +144,12 @@ def sign_losses(
     return (per_unit * decisive).sum(dim=1) / decisive.sum(dim=1).clamp(min=1.0)
 
 
+def residual_losses(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B,) mean squared residual (`lens` score - prior) over each record's units."""
+    residual = (unit_scores - batch.prior).masked_fill(~batch.valid, 0.0)  # (B, U)
+    return residual.square().sum(dim=1) / batch.valid.sum(dim=1).clamp(min=1)
+
+
 @dataclass(frozen=True)
 class LossConfig:
     temperature: float = 1.0
@@ -150,12 +161,15 @@ class LossConfig:
     near-ties the pairwise and sign terms ignore."""
     sign_weight: float = 1.0
     """Weight of the sign term (0: order only, the scores' level is left free)."""
+    residual_weight: float = 1.0
+    """Weight of the residual term (0: the residual is free where no unit was measured)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.pair_weight < 0 or self.pair_gap < 0 or self.sign_weight < 0:
-            raise ValueError("pair_weight, pair_gap and sign_weight must be >= 0")
+        weights = (self.pair_weight, self.pair_gap, self.sign_weight, self.residual_weight)
+        if min(weights) < 0:
+            raise ValueError("pair_weight, pair_gap, sign_weight and residual_weight must be >= 0")
 
 
 def record_losses(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -> torch.Tensor:
@@ -167,6 +181,8 @@ def record_losses(unit_scores: torch.Tensor, batch: Batch, config: LossConfig) -
     if config.sign_weight > 0:
         signs = sign_losses(unit_scores, batch, config.temperature, config.pair_gap)
         out = out + config.sign_weight * signs
+    if config.residual_weight > 0:
+        out = out + config.residual_weight * residual_losses(unit_scores, batch)
     return out
 
 

@@ -22,11 +22,12 @@ from trainer.train import (
     loss,
     measured_scores,
     pairwise_losses,
+    residual_losses,
     scores,
     sign_losses,
 )
 
-LISTWISE = LossConfig(pair_weight=0.0, sign_weight=0.0)
+LISTWISE = LossConfig(pair_weight=0.0, sign_weight=0.0, residual_weight=0.0)
 
 
 def _examples(n: int, first: int = 0) -> list[Example]:
@@ -87,7 +88,7 @@ def test_scores_that_follow_the_values_have_the_lower_loss_in_both_terms() -> No
     )
     entropy = -(target * target.clamp(min=1e-30).log()).sum(1).mean()
     assert float(loss(exact, batch, LISTWISE)) == pytest.approx(float(entropy), rel=1e-4)
-    hotter = LossConfig(temperature=10.0, pair_weight=0.0, sign_weight=0.0)
+    hotter = dataclasses.replace(LISTWISE, temperature=10.0)
     assert float(loss(exact, batch, LISTWISE)) < float(loss(exact, batch, hotter))
 
 
@@ -106,6 +107,30 @@ def test_sign_term_wants_scores_above_zero_where_the_value_is_positive_and_ignor
     ties = torch.zeros_like(batch.value)  # every value below the gap: nothing to sign
     tied = dataclasses.replace(batch, value=ties)
     assert float(sign_losses(_scatter(batch, -ties - 5), tied, 1.0, 0.05).sum()) == 0.0
+
+
+def test_residual_term_is_the_mean_squared_distance_from_the_prior_over_real_units() -> None:
+    batch = collate(_examples(3))
+    assert residual_losses(batch.prior, batch).tolist() == [0.0, 0.0, 0.0]
+    # Padding (units beyond a record's tiling) counts for nothing, however far it is.
+    shifted = (batch.prior + 2.0).masked_fill(~batch.valid, 1e3)
+    assert residual_losses(shifted, batch).tolist() == pytest.approx([4.0] * 3)
+
+
+def test_residual_term_keeps_the_units_no_record_measured_near_the_prior() -> None:
+    batch = collate(_examples(8))
+    unmeasured = batch.valid.clone()
+    unmeasured[torch.arange(batch.records)[:, None], batch.measured] = False
+    drift = []
+    for weight in (0.0, 1.0):
+        net = _net()
+        trainer = PreferenceTrainer(net, lr=3e-3, loss=LossConfig(residual_weight=weight))
+        for _ in range(40):
+            trainer.step(batch)
+        with torch.inference_mode():
+            residual = scores(net, batch) - batch.prior  # (B, U)
+        drift.append(float(residual[unmeasured].abs().mean()))
+    assert drift[1] < 0.5 * drift[0], drift
 
 
 def test_pairwise_term_counts_only_decisive_pairs() -> None:
@@ -182,3 +207,5 @@ def test_loss_config_refuses_bad_values() -> None:
         LossConfig(temperature=0.0)
     with pytest.raises(ValueError, match="pair_weight"):
         LossConfig(pair_weight=-1.0)
+    with pytest.raises(ValueError, match="residual_weight"):
+        LossConfig(residual_weight=-1.0)
