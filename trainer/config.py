@@ -45,7 +45,7 @@ class TrainerSettings(BaseSettings):
     sign_weight: float = Field(default=1.0, ge=0)
     """Weight of the sign term: scores above 0 where showing a unit finer helped, below where it
     hurt (the allocator acts on the level, not only the order); see trainer.train."""
-    residual_weight: float = Field(default=1.0, ge=0)
+    residual_weight: float = Field(default=0.1, ge=0)
     """Weight of the residual term: LensNet's residual stays near 0 (`lens` = the prior) on the
     units no measurement speaks for; see trainer.train."""
     seed: int = 0

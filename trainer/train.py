@@ -14,11 +14,11 @@ and t their values (trainer.examples):
   (adding a constant to its scores changes neither), but the allocator acts on the level too: it
   expands a unit only above `FocusConfig.expand_threshold`, and a negative score is what allows a
   collapse. This term puts units worth showing finer above 0 and the others below;
-- residual (squared), times `residual_weight`: the mean of (s - prior)^2 over all of the record's
-  units. A record measures 8 of its 100-250 units; the other terms leave the rest free, and they
-  are most of what the allocator ranks (the coarse gists of a fresh working context are never
-  measured at all). Without it the residual drifts up everywhere (the sign term's easiest way to
-  lift the few needles) and reorders the units no record spoke for.
+- residual (squared), times `residual_weight`: the mean of (s - prior)^2 over the record's units
+  it did not measure. A record measures 8 of its 100-250 units; the other terms leave the rest
+  free, and they are most of what the allocator ranks (the coarse gists of a fresh working
+  context are never measured at all). Without it the residual drifts up everywhere (the sign
+  term's easiest way to lift the few needles) and reorders the units no record spoke for.
 The record losses are averaged, so a record weighs the same however many units it measured.
 docs/experiments.md has what each term measurably adds."""
 
@@ -145,9 +145,13 @@ def sign_losses(
 
 
 def residual_losses(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(B,) mean squared residual (`lens` score - prior) over each record's units."""
-    residual = (unit_scores - batch.prior).masked_fill(~batch.valid, 0.0)  # (B, U)
-    return residual.square().sum(dim=1) / batch.valid.sum(dim=1).clamp(min=1)
+    """(B,) mean squared residual (`lens` score - prior) over each record's unmeasured units."""
+    rows = torch.arange(batch.records)[:, None]  # (B, 1)
+    measured = torch.zeros_like(batch.valid)  # (B, U)
+    measured[rows, batch.measured] = batch.measured_valid  # padding points at unit 0: unset
+    free = batch.valid & ~measured  # (B, U)
+    residual = (unit_scores - batch.prior).masked_fill(~free, 0.0)  # (B, U)
+    return residual.square().sum(dim=1) / free.sum(dim=1).clamp(min=1)
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class LossConfig:
     near-ties the pairwise and sign terms ignore."""
     sign_weight: float = 1.0
     """Weight of the sign term (0: order only, the scores' level is left free)."""
-    residual_weight: float = 1.0
+    residual_weight: float = 0.1
     """Weight of the residual term (0: the residual is free where no unit was measured)."""
 
     def __post_init__(self) -> None:

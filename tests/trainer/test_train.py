@@ -109,11 +109,15 @@ def test_sign_term_wants_scores_above_zero_where_the_value_is_positive_and_ignor
     assert float(sign_losses(_scatter(batch, -ties - 5), tied, 1.0, 0.05).sum()) == 0.0
 
 
-def test_residual_term_is_the_mean_squared_distance_from_the_prior_over_real_units() -> None:
+def test_residual_term_is_the_mean_squared_residual_over_the_units_no_gain_was_measured_for() -> (
+    None
+):
     batch = collate(_examples(3))
     assert residual_losses(batch.prior, batch).tolist() == [0.0, 0.0, 0.0]
-    # Padding (units beyond a record's tiling) counts for nothing, however far it is.
+    # Neither the measured units (the ranking terms' business) nor padding count, however far.
+    rows = torch.arange(batch.records)[:, None]
     shifted = (batch.prior + 2.0).masked_fill(~batch.valid, 1e3)
+    shifted[rows, batch.measured] = -1e3
     assert residual_losses(shifted, batch).tolist() == pytest.approx([4.0] * 3)
 
 
