@@ -52,6 +52,7 @@ _RUN_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--lock-ttl-ms", "lock_ttl_ms", int, "trainer lock lease"),
     ("--held-out-every", "held_out_every", int, "hold out one record in this many"),
     ("--min-held-out", "min_held_out", int, "held-out records the gate needs to publish"),
+    ("--max-drift", "max_drift", float, "the gate's bound on residual drift (unmeasured units)"),
     (
         "--restart-after-refusals",
         "restart_after_refusals",

@@ -59,6 +59,9 @@ class TrainerSettings(BaseSettings):
     min_held_out: int = Field(default=4, ge=1)
     """Held-out records with decisive per-unit gains the gate needs before it may publish: on one
     or two records NDCG is a coin flip (a loop bench run published on one)."""
+    max_drift: float = Field(default=1.0, gt=0)
+    """The gate refuses weights whose mean |residual| on the held-out units no gain was measured
+    for exceeds this (trainer.gate: drift; the prior scores its best block 1)."""
     restart_after_refusals: int = Field(default=3, ge=0)
     """After this many gates in a row refuse the trained weights on their held-out quality,
     training restarts from the current published weights with a fresh optimizer (0: never).

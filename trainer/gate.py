@@ -12,10 +12,13 @@ residual) of each record's measured units and t their values (trainer.examples):
 - agreement: the fraction of within-record unit pairs whose values differ by at least
   `DECISIVE_GAP` that s orders the right way (ties disagree), reported beside NDCG;
 - loss: the training loss (trainer.train) on the labelled held-out records;
+- drift: the mean |residual| over the units no gain was measured for. No measurement says those
+  should move, yet they are most of what the allocator ranks: a LensNet that moved them far
+  reorders the working context unchecked (one that did lost facts the prior alone found);
 - baseline gaps: mean nll(baseline) - nll(served) per baseline kind (> 0: the served WC was better).
 A new version is judged once at least `min_held_out` held-out records have a decisive spread, and
 passes if its NDCG is at least the prior's alone (a residual must not make retrieval worse) and
-the current version's."""
+the current version's, and its drift is at most `max_drift`."""
 
 from __future__ import annotations
 
@@ -30,7 +33,14 @@ import torch
 
 from lens_serve.core.lensnet import LensNet
 from trainer.examples import Example
-from trainer.train import LossConfig, collate, measured_scores, record_losses, scores
+from trainer.train import (
+    LossConfig,
+    collate,
+    measured_scores,
+    record_losses,
+    scores,
+    unmeasured,
+)
 
 # Examples per LensNet forward: bounds the padded (B, U, D) batch's memory.
 _EVAL_CHUNK = 32
@@ -54,6 +64,7 @@ class GateReport:
     loss: float  # mean training loss over labelled records; nan when none
     records: int
     units: int  # measured units in all records
+    drift: float = 0.0  # mean |lens - prior| over the unmeasured units (0 for the prior alone)
     baseline_gaps: dict[str, float] = field(default_factory=dict)
     """kind -> mean nll(kind) - nll(served) over the records that measured that baseline."""
 
@@ -67,6 +78,7 @@ class GateReport:
             "loss": self.loss,
             "records": self.records,
             "units": self.units,
+            "drift": self.drift,
         }
         out.update({f"served_vs_{k}": gap for k, gap in sorted(self.baseline_gaps.items())})
         return out
@@ -94,12 +106,16 @@ def evaluate(
     ndcgs: list[float] = []
     losses: list[float] = []
     agreed = pairs = units = 0
+    drift_sum, drift_units = 0.0, 0
     for start in range(0, len(examples), _EVAL_CHUNK):
         chunk = examples[start : start + _EVAL_CHUNK]
         batch = collate(chunk)
         unit_scores = scores(net, batch)  # (B, U)
         per_record = record_losses(unit_scores, batch, loss)  # (B,)
         losses += per_record[batch.labelled].tolist()
+        free = unmeasured(batch)  # (B, U)
+        drift_sum += float((unit_scores - batch.prior)[free].abs().sum())
+        drift_units += int(free.sum())
         s_all = measured_scores(unit_scores, batch).numpy()  # (B, M)
         for row, ex in enumerate(chunk):
             m = len(ex.measured)
@@ -117,6 +133,7 @@ def evaluate(
         loss=float(np.mean(losses)) if losses else math.nan,
         records=len(examples),
         units=units,
+        drift=drift_sum / drift_units if drift_units else 0.0,
         baseline_gaps=baseline_gaps(examples),
     )
 
@@ -159,7 +176,11 @@ def baseline_gaps(examples: Sequence[Example]) -> dict[str, float]:
 
 
 def decide(
-    new: GateReport, current: GateReport, prior: GateReport, min_records: int = 1
+    new: GateReport,
+    current: GateReport,
+    prior: GateReport,
+    min_records: int = 1,
+    max_drift: float = math.inf,
 ) -> GateDecision:
     if new.ranked_records < min_records:
         return GateDecision(
@@ -169,6 +190,14 @@ def decide(
             new,
             current,
             judged=False,
+            prior=prior,
+        )
+    if new.drift > max_drift:
+        return GateDecision(
+            False,
+            f"residual drift {new.drift:.2f} on unmeasured held-out units > {max_drift:.2f}",
+            new,
+            current,
             prior=prior,
         )
     if new.ndcg < prior.ndcg:

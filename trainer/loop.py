@@ -409,7 +409,7 @@ class Trainer:
         new = evaluate(self.net, held, loss)
         current = evaluate(self.current_net, held, loss)
         prior = evaluate(None, held, loss)
-        return decide(new, current, prior, self.settings.min_held_out)
+        return decide(new, current, prior, self.settings.min_held_out, self.settings.max_drift)
 
     async def _publish(self, decision: GateDecision) -> None:
         assert self._redis is not None and self.lock is not None

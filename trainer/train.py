@@ -144,12 +144,17 @@ def sign_losses(
     return (per_unit * decisive).sum(dim=1) / decisive.sum(dim=1).clamp(min=1.0)
 
 
-def residual_losses(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(B,) mean squared residual (`lens` score - prior) over each record's unmeasured units."""
+def unmeasured(batch: Batch) -> torch.Tensor:
+    """(B, U) bool: the real units of each record that no gain was measured for."""
     rows = torch.arange(batch.records)[:, None]  # (B, 1)
     measured = torch.zeros_like(batch.valid)  # (B, U)
     measured[rows, batch.measured] = batch.measured_valid  # padding points at unit 0: unset
-    free = batch.valid & ~measured  # (B, U)
+    return batch.valid & ~measured
+
+
+def residual_losses(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(B,) mean squared residual (`lens` score - prior) over each record's unmeasured units."""
+    free = unmeasured(batch)  # (B, U)
     residual = (unit_scores - batch.prior).masked_fill(~free, 0.0)  # (B, U)
     return residual.square().sum(dim=1) / free.sum(dim=1).clamp(min=1)
 

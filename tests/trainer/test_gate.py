@@ -125,6 +125,23 @@ def test_gate_refuses_a_worse_model(
     assert "the prior's" in decision.reason
 
 
+def test_gate_refuses_weights_that_move_the_units_no_gain_was_measured_for(
+    split: tuple[list[Example], list[Example]], trained: LensNet
+) -> None:
+    _, held = split
+    current, prior = evaluate(trained, held), evaluate(None, held)
+    assert prior.drift == 0.0 and 0 < current.drift < 1.0
+    assert decide(current, current, prior, max_drift=1.0).passed
+    lifted = copy.deepcopy(trained)
+    with torch.no_grad():  # every unit 3 higher: the measured units' order is unchanged
+        lifted.head.bias.add_(3.0)
+    drifted = evaluate(lifted, held)
+    assert drifted.ndcg == pytest.approx(current.ndcg) and drifted.drift > 2.0
+    decision = decide(drifted, current, prior, max_drift=1.0)
+    assert not decision.passed and decision.judged
+    assert "residual drift" in decision.reason
+
+
 def test_gate_passes_only_at_least_as_good_as_the_prior_and_the_current_version() -> None:
     prior, current = report(0.80), report(0.85)
     assert decide(report(0.86), current, prior).passed

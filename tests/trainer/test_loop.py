@@ -318,9 +318,7 @@ async def test_training_restarts_from_the_current_version_after_refusals_in_a_ro
     await first.run()
     (current,) = first.result.published
 
-    def refuse(
-        new: GateReport, old: GateReport, prior: GateReport, min_records: int = 1
-    ) -> GateDecision:
+    def refuse(new: GateReport, old: GateReport, prior: GateReport, *limits: float) -> GateDecision:
         return GateDecision(False, "refused by the test", new, old, judged=judged)
 
     monkeypatch.setattr(trainer_loop, "decide", refuse)
