@@ -146,10 +146,11 @@ def sign_losses(
 
 def unmeasured(batch: Batch) -> torch.Tensor:
     """(B, U) bool: the real units of each record that no gain was measured for."""
-    rows = torch.arange(batch.records)[:, None]  # (B, 1)
-    measured = torch.zeros_like(batch.valid)  # (B, U)
-    measured[rows, batch.measured] = batch.measured_valid  # padding points at unit 0: unset
-    return batch.valid & ~measured
+    # Padding points at unit 0 with weight 0, so summing (not assigning) keeps a measured unit 0.
+    hits = torch.zeros(batch.valid.shape).scatter_add(
+        1, batch.measured, batch.measured_valid.float()
+    )
+    return batch.valid & (hits == 0)  # (B, U)
 
 
 def residual_losses(unit_scores: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -25,6 +25,7 @@ from trainer.train import (
     residual_losses,
     scores,
     sign_losses,
+    unmeasured,
 )
 
 LISTWISE = LossConfig(pair_weight=0.0, sign_weight=0.0, residual_weight=0.0)
@@ -119,6 +120,18 @@ def test_residual_term_is_the_mean_squared_residual_over_the_units_no_gain_was_m
     shifted = (batch.prior + 2.0).masked_fill(~batch.valid, 1e3)
     shifted[rows, batch.measured] = -1e3
     assert residual_losses(shifted, batch).tolist() == pytest.approx([4.0] * 3)
+
+
+def test_unmeasured_units_exclude_a_measured_unit_0_that_padding_also_points_at() -> None:
+    batch = collate(_examples(2))
+    batch = dataclasses.replace(
+        batch,
+        measured=torch.zeros_like(batch.measured),  # row 0: unit 0 measured; the rest padding
+        measured_valid=torch.zeros_like(batch.measured_valid).index_fill(1, torch.tensor([0]), 1),
+    )
+    free = unmeasured(batch)
+    assert not free[:, 0].any()
+    assert free[:, 1:].tolist() == batch.valid[:, 1:].tolist()
 
 
 def test_residual_term_keeps_the_units_no_record_measured_near_the_prior() -> None:
