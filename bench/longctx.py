@@ -18,10 +18,10 @@ do at all). `--split dev` draws other samples than `--split test` (the one repor
 settings on dev, report test.
 
     python bench/longctx.py [--split test] [--samples 6] [--lifetimes 4096 8192 32768 131072]
-        [--lens-records bench/out/loop_records.bin]
+        [--lens-records bench/out/loop_records.bin ...]
 
-`--lens-records` trains LensNet offline on a dump of preference records (`lens-trainer run
---offline-dump`, the gate included) and serves the published version as `lens`.
+`--lens-records` trains LensNet offline on dumps of preference records (`lens-trainer run
+--offline-dump` on them merged, the gate included) and serves the published version as `lens`.
 
 Writes the JSON (and a PNG: exact match against lifetime per task, one line per policy)."""
 
@@ -50,6 +50,7 @@ from lens_serve.engine.vllm import VllmEngine
 from lens_serve.service.config import Settings
 from lens_serve.service.inprocess import Stack, serving_stack
 from lens_serve.store.embedded import EmbeddedRedis
+from trainer.data import read_dump, write_dump
 
 TASKS = ("single", "multikey", "multivalue", "paraphrase", "twohop")
 POLICIES = ("lens", "retrieval", "recency", "uniform", "random", "full")
@@ -345,11 +346,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def trained_lens(
     args: argparse.Namespace, model_dir: Path, redis_url: str, stack: Stack
 ) -> dict[str, Any]:
-    """Train LensNet on `args.lens_records` with the trainer's offline run, and wait until the
-    server swaps in the version it published; its gate report goes into the results."""
+    """Train LensNet on `args.lens_records` (dumps, merged) with the trainer's offline run, and
+    wait until the server swaps in the version it published; its gate report goes into the
+    results."""
+    merged = Path(tempfile.mkdtemp()) / "records.bin"
+    write_dump(merged, [e for path in args.lens_records for e in read_dump(path)])
     cmd = [
         sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
-        "--offline-dump", str(args.lens_records), "--redis-url", redis_url,
+        "--offline-dump", str(merged), "--redis-url", redis_url,
         "--model", str(model_dir), "--min-records", "1", "--max-steps", str(args.lens_steps),
         "--batch-size", "8", "--held-out-every", "5",
     ]  # fmt: skip
@@ -367,12 +371,14 @@ async def trained_lens(
         if time.monotonic() > deadline:
             raise SystemExit(f"--lens-records: the server never swapped in {published[-1]}")
         await asyncio.sleep(0.2)
-    print(f"lens: {published[-1]}, trained on {args.lens_records}", flush=True)
-    return {"version": published[-1], "records": str(args.lens_records), "gate": reports[-1]}
+    merged.unlink()
+    sources = [str(p) for p in args.lens_records]
+    print(f"lens: {published[-1]}, trained on {sources}", flush=True)
+    return {"version": published[-1], "records": sources, "gate": reports[-1]}
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return json.loads(json.dumps(vars(args), default=str))  # paths as strings
 
 
 def main() -> None:
@@ -388,8 +394,8 @@ def main() -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, default=Path("bench/out/longctx.json"))
     parser.add_argument(
-        "--lens-records", type=Path, default=None,
-        help="serve as `lens` a LensNet trained offline on this dump of preference records",
+        "--lens-records", type=Path, nargs="+", default=None,
+        help="serve as `lens` a LensNet trained offline on these dumps of preference records",
     )  # fmt: skip
     parser.add_argument("--lens-steps", type=int, default=1000, help="offline training steps")
     args = parser.parse_args()
