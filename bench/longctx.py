@@ -378,7 +378,8 @@ async def trained_lens(
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    return json.loads(json.dumps(vars(args), default=str))  # paths as strings
+    config: dict[str, Any] = json.loads(json.dumps(vars(args), default=str))  # paths as strings
+    return config
 
 
 def main() -> None:
