@@ -19,6 +19,7 @@ Reports (the JSON, and a PNG of the curve):
   appended to Redis.
 
     python bench/loop.py [--traffic-seconds 1800] [--checkpoint-seconds 900] [--lifetime 32768]
+        [--tasks multikey]  # traffic and evaluation on some tasks only
 """
 
 from __future__ import annotations
@@ -67,10 +68,18 @@ TRAIN_SEED = 500_000  # training samples: other seeds than longctx's dev and tes
 class SuiteTraffic:
     """Training requests: a task's facts in training essays, and the question with its answer."""
 
-    def __init__(self, tokenizer: Tokenizer, lifetime: int, answer_tokens: int, seed: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        lifetime: int,
+        answer_tokens: int,
+        seed: int,
+        tasks: Sequence[str] = TASKS,
+    ) -> None:
         self.tokenizer, self.lifetime, self.answer_tokens = tokenizer, lifetime, answer_tokens
         self.haystack = Haystack(tokenizer, held_out=False)
         self.seed = seed
+        self.tasks = tuple(tasks)
         self.sent = 0
 
     def next(self) -> tuple[list[int], list[int]]:
@@ -79,7 +88,7 @@ class SuiteTraffic:
             seed = self.seed + self.sent
             self.sent += 1
             rng = np.random.default_rng(seed)
-            sample = make_sample(TASKS[seed % len(TASKS)], rng)
+            sample = make_sample(self.tasks[seed % len(self.tasks)], rng)
             probe = sample.probes[int(rng.integers(len(sample.probes)))]
             answer = self.tokenizer.encode(" " + probe.value).ids
             if len(answer) != self.answer_tokens:
@@ -99,7 +108,7 @@ async def exact_match(
     """Exact match per task and policy on held-out essays (longctx's test split)."""
     haystack = Haystack(tokenizer, held_out=True)
     out: dict[str, dict[str, float]] = {}
-    for task in TASKS:
+    for task in args.tasks:
         matches: dict[str, list[bool]] = {p: [] for p in EVAL_POLICIES}
         for i in range(args.eval_samples):
             seed = SPLIT_SEEDS["test"] + 1000 * TASKS.index(task) + args.lifetime % 997 + i
@@ -393,7 +402,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
                 trainer = TrainerProcess(redis_server.url, model_dir, args)
                 traffic = Traffic(client, stack, args.budget)
-                maker = SuiteTraffic(tokenizer, args.lifetime, answer_tokens(tokenizer), TRAIN_SEED)
+                maker = SuiteTraffic(
+                    tokenizer, args.lifetime, answer_tokens(tokenizer), TRAIN_SEED, args.tasks
+                )
                 traffic_s = 0.0
                 million: dict[str, Any] | None = None
                 while traffic_s < args.traffic_seconds:
@@ -474,9 +485,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(TASKS) + 1, figsize=(3.0 * (len(TASKS) + 1), 3.0))
+    tasks = result["config"]["tasks"]
+    fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.0 * (len(tasks) + 1), 3.0))
     records = [c["records"] for c in result["curve"]]
-    for ax, task in zip(axes[:-1], TASKS, strict=True):
+    for ax, task in zip(axes[:-1], tasks, strict=True):
         for policy in EVAL_POLICIES:
             ax.plot(records, [c["exact_match"][task][policy] for c in result["curve"]], "o-",
                     label=policy, markersize=3)  # fmt: skip
@@ -499,6 +511,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--lifetime", type=int, default=32768)
+    parser.add_argument(
+        "--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="traffic and evaluation"
+    )
     parser.add_argument("--units", type=int, default=8, help="shadow_units per record")
     parser.add_argument("--variants", type=int, default=4, help="random variants (comparison)")
     parser.add_argument("--traffic-seconds", type=float, default=1800)
