@@ -50,6 +50,20 @@ class FocusConfig:
     """Score units charged per fraction of the working context's rows an edit recomputes."""
     refit_headroom: float = 0.25
     """Share of the budget a continuing session's refit leaves free for the next turns' tokens."""
+    prior_floor: float = 1.0
+    """Least `lens` score of a unit the retrieval prior picked (a BM25 block or a neighbour; the
+    prior scores them 1): LensNet's residual may raise any unit but not lower those, so one is
+    collapsed only to pay for an expand scoring above prior_floor + expand_threshold +
+    collapse_threshold. A residual trained on a few dozen records collapsed the neighbour that
+    held the second half of a fact straddling two blocks: the retrieved blocks stay until records
+    can tell such neighbours apart. -inf: no floor."""
+
+
+def lens_scores(prior: np.ndarray, residual: np.ndarray, config: FocusConfig) -> np.ndarray:
+    """(U,) the `lens` score of each unit: the prior (U,) plus LensNet's residual (U,), floored
+    at `config.prior_floor` where the prior picked the unit."""
+    scores = prior + residual
+    return np.where(prior > 0, np.maximum(scores, config.prior_floor), scores)
 
 
 @dataclass

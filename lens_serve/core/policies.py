@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lens_serve.core.allocator import EditStats, FocusConfig, FocusState, refocus
+from lens_serve.core.allocator import EditStats, FocusConfig, FocusState, lens_scores, refocus
 from lens_serve.core.context import (
     RECALL,
     Tiling,
@@ -161,7 +161,7 @@ class ContextChooser:
             residual = score_units(self.lensnet, inputs)[: len(state.tiling.units)]
             state, stats = refocus(
                 FocusState(state.tiling, state.step, kept if round_ == 0 else {}),
-                residual + prior_score,
+                lens_scores(prior_score, residual, self.focus),
                 room,
                 tail,
                 node_counts,

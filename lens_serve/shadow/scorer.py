@@ -24,6 +24,7 @@ import numpy as np
 from redis.exceptions import RedisError
 
 from lens_serve import log, metrics, tracing
+from lens_serve.core.allocator import lens_scores
 from lens_serve.core.assembly import assemble
 from lens_serve.core.context import Tiling, WorkingContext, coarsest_tiling, fill_newest_first
 from lens_serve.core.counterfactual import UnitChoice, UnitEdit, unit_edits, unit_relevance
@@ -264,7 +265,8 @@ class ShadowScorer:
         blocks = retrieved_blocks(tree, words, job.tail, job.chooser.retrieval)
         prior = prior_scores(tiling, blocks)  # (U,)
         inputs = unit_inputs(tree, tiling, job.tail, job.query)  # U' = units (+ partial block)
-        lens = prior + score_units(job.chooser.lensnet, inputs)[: len(prior)]  # (U,)
+        residual = score_units(job.chooser.lensnet, inputs)[: len(prior)]  # (U,)
+        lens = lens_scores(prior, residual, job.chooser.focus)  # (U,)
         relevance = unit_relevance(tiling, tree.index.bm25(words))  # (U,)
         edits = unit_edits(
             tiling, job.budget, job.tail, counts, relevance, lens, self._config.units, rng

@@ -3,13 +3,17 @@ LensNet's residual (an untrained LensNet chooses what `retrieval` does)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lens_serve.core import policies
+from lens_serve.core.allocator import FocusConfig, lens_scores
 from lens_serve.core.context import check_invariants
-from lens_serve.core.lensnet import LensNet, LensNetConfig
+from lens_serve.core.lensnet import LensNet, LensNetConfig, UnitInputs
 from lens_serve.core.policies import ContextChooser
 from lens_serve.core.retrieval import RetrievalConfig, retrieved_blocks
 from lens_serve.core.tree import LifetimeTree
@@ -84,6 +88,35 @@ def test_an_untrained_lens_chooses_what_retrieval_does(
     lens = untrained.choose(tree, "lens", BUDGET, TAIL, query=words).working_context
     retrieval = untrained.choose(tree, "retrieval", BUDGET, TAIL, query=words).working_context
     assert lens.signature() == retrieval.signature()
+
+
+def test_lens_scores_floor_the_units_the_prior_picked_only() -> None:
+    prior = np.array([1.0, 1.0, 0.0, 0.0])
+    residual = np.array([-0.9, 1.0, -2.0, 0.3])
+    assert lens_scores(prior, residual, FocusConfig()).tolist() == pytest.approx(
+        [1.0, 2.0, -2.0, 0.3]
+    )
+    no_floor = FocusConfig(prior_floor=-math.inf)
+    assert lens_scores(prior, residual, no_floor).tolist() == pytest.approx([0.1, 2.0, -2.0, 0.3])
+
+
+def test_a_residual_cannot_collapse_the_retrieved_blocks_to_expand_gists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A residual that wants every gist finer and every raw block gone, the way one trained on a
+    # few records wanted the neighbour holding half a fact gone.
+    def eager(net: LensNet, inputs: UnitInputs) -> np.ndarray:
+        return np.where(inputs.lods.numpy() == 0, -0.9, 0.9)
+
+    monkeypatch.setattr(policies, "score_units", eager)
+    tree = with_needles(6000, {1234: NEEDLE})
+    net = LensNet(LensNetConfig(hidden_size=HIDDEN))
+    for focus, kept in ((FocusConfig(), True), (FocusConfig(prior_floor=-math.inf), False)):
+        wc = ContextChooser(net, focus).choose(tree, "lens", BUDGET, TAIL, query=np.array([NEEDLE]))
+        lods = wc.working_context.lods[
+            np.searchsorted(wc.working_context.starts, [1234 - B, 1234, 1234 + B], side="right") - 1
+        ]
+        assert (lods == 0).all() == kept, lods
 
 
 @pytest.mark.parametrize("policy", ["lens", "retrieval"])
