@@ -349,15 +349,16 @@ async def trained_lens(
     """Train LensNet on `args.lens_records` (dumps, merged) with the trainer's offline run, and
     wait until the server swaps in the version it published; its gate report goes into the
     results."""
-    merged = Path(tempfile.mkdtemp()) / "records.bin"
-    write_dump(merged, [e for path in args.lens_records for e in read_dump(path)])
-    cmd = [
-        sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
-        "--offline-dump", str(merged), "--redis-url", redis_url,
-        "--model", str(model_dir), "--min-records", "1", "--max-steps", str(args.lens_steps),
-        "--batch-size", "8", "--held-out-every", "5",
-    ]  # fmt: skip
-    done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        merged = Path(scratch) / "records.bin"
+        write_dump(merged, [e for path in args.lens_records for e in read_dump(path)])
+        cmd = [
+            sys.executable, "-m", "trainer", "--log-level", "WARNING", "run",
+            "--offline-dump", str(merged), "--redis-url", redis_url,
+            "--model", str(model_dir), "--min-records", "1", "--max-steps", str(args.lens_steps),
+            "--batch-size", "8", "--held-out-every", "5",
+        ]  # fmt: skip
+        done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True)
     lines = done.stdout.splitlines()
     reports = [json.loads(x.removeprefix("report ")) for x in lines if x.startswith("report ")]
     published = [x.removeprefix("published ") for x in lines if x.startswith("published ")]
@@ -371,7 +372,6 @@ async def trained_lens(
         if time.monotonic() > deadline:
             raise SystemExit(f"--lens-records: the server never swapped in {published[-1]}")
         await asyncio.sleep(0.2)
-    merged.unlink()
     sources = [str(p) for p in args.lens_records]
     print(f"lens: {published[-1]}, trained on {sources}", flush=True)
     return {"version": published[-1], "records": sources, "gate": reports[-1]}
