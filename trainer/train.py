@@ -16,9 +16,9 @@ and t their values (trainer.examples):
   collapse. This term puts units worth showing finer above 0 and the others below;
 - residual (squared), times `residual_weight`: the mean of (s - prior)^2 over the record's units
   it did not measure. A record measures 8 of its 100-250 units; the other terms leave the rest
-  free, and they are most of what the allocator ranks (the coarse gists of a fresh working
-  context are never measured at all). Without it the residual drifts up everywhere (the sign
-  term's easiest way to lift the few needles) and reorders the units no record spoke for.
+  free, and they are most of what the allocator ranks. Without it the residual drifts up
+  everywhere (the sign term's easiest way to lift the few needles) and reorders the units no
+  record spoke for.
 The record losses are averaged, so a record weighs the same however many units it measured.
 docs/experiments.md has what each term measurably adds."""
 
