@@ -41,6 +41,10 @@ def _settings(redis_url: str, **overrides: Any) -> TrainerSettings:
         "replay_size": 500,
         "max_steps": 60,
         "log_every_s": 5.0,
+        # These tests are about the loop. On the synthetic records 20 steps leave a drift near the
+        # default bound of 1, on one side or the other by machine; test_gate checks the bound, and
+        # test_the_drift_bound_from_the_settings_refuses_weights checks it is wired through.
+        "max_drift": 10.0,
     }
     fields.update(overrides)
     return TrainerSettings(**fields)
@@ -272,6 +276,20 @@ async def test_old_format_and_unusable_records_are_acknowledged_counted_and_note
         assert "per-unit gains only" in notes[old.decode()]
     assert "not a unit of the served tiling" in notes[broken_id.decode()]
     assert await redis_client.llen(REPLAY_KEY) == 24
+
+
+async def test_the_drift_bound_from_the_settings_refuses_weights(
+    redis_client: Redis, redis_url: str
+) -> None:
+    await _fill(redis_client)
+    trainer, _ = _trainer(redis_client, redis_url, max_steps=20, max_drift=1e-6)
+
+    result = await trainer.run()
+
+    assert result.published == []
+    assert result.last_decision is not None and not result.last_decision.passed
+    assert "residual drift" in result.last_decision.reason
+    assert await LENSNET.current(redis_client) is None
 
 
 async def test_trainer_follows_a_version_pinned_by_an_operator(
