@@ -11,7 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -175,22 +175,15 @@ def test_serve_help_lists_flags(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.fixture
-def captured_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Settings]]:
-    """Replaces server.serve: records the Settings the CLI built instead of serving. Restores the
-    root logger afterwards (cli.main reconfigures it for the process)."""
+def captured_settings(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """Replaces server.serve: records the Settings the CLI built instead of serving."""
     seen: list[Settings] = []
 
     async def fake_serve(settings: Settings) -> None:
         seen.append(settings)
 
     monkeypatch.setattr(server, "serve", fake_serve)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        yield seen
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    return seen
 
 
 def test_serve_invalid_setting_exits_2_naming_field(
