@@ -57,12 +57,17 @@ class FocusConfig:
     collapse_threshold. A residual trained on a few dozen records collapsed the neighbour that
     held the second half of a fact straddling two blocks: the retrieved blocks stay until records
     can tell such neighbours apart. -inf: no floor."""
+    residual_deadband: float = 0.5
+    """LensNet's residual counts only past this magnitude (soft threshold). The residual drifts on
+    units no record measured (the gate bounds the mean, `drift`); acting on that noise refines
+    gists all over the lifetime and pays with the recent raw blocks."""
 
 
 def lens_scores(prior: np.ndarray, residual: np.ndarray, config: FocusConfig) -> np.ndarray:
-    """(U,) the `lens` score of each unit: the prior (U,) plus LensNet's residual (U,), floored
-    at `config.prior_floor` where the prior picked the unit."""
-    scores = prior + residual
+    """(U,) the `lens` score of each unit: the prior (U,) plus LensNet's residual (U,) shrunk by
+    `config.residual_deadband`, floored at `config.prior_floor` where the prior picked the unit."""
+    band = config.residual_deadband
+    scores = prior + np.sign(residual) * np.maximum(np.abs(residual) - band, 0.0)
     return np.where(prior > 0, np.maximum(scores, config.prior_floor), scores)
 
 

@@ -4,6 +4,7 @@ LensNet's residual (an untrained LensNet chooses what `retrieval` does)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -93,11 +94,37 @@ def test_an_untrained_lens_chooses_what_retrieval_does(
 def test_lens_scores_floor_the_units_the_prior_picked_only() -> None:
     prior = np.array([1.0, 1.0, 0.0, 0.0])
     residual = np.array([-0.9, 1.0, -2.0, 0.3])
-    assert lens_scores(prior, residual, FocusConfig()).tolist() == pytest.approx(
-        [1.0, 2.0, -2.0, 0.3]
-    )
-    no_floor = FocusConfig(prior_floor=-math.inf)
+    floor = FocusConfig(residual_deadband=0.0)
+    assert lens_scores(prior, residual, floor).tolist() == pytest.approx([1.0, 2.0, -2.0, 0.3])
+    no_floor = replace(floor, prior_floor=-math.inf)
     assert lens_scores(prior, residual, no_floor).tolist() == pytest.approx([0.1, 2.0, -2.0, 0.3])
+
+
+def test_lens_scores_count_the_residual_only_past_the_deadband() -> None:
+    prior = np.zeros(4)
+    residual = np.array([0.2, -0.2, 0.7, -1.0])
+    banded = FocusConfig(residual_deadband=0.5)
+    assert lens_scores(prior, residual, banded).tolist() == pytest.approx([0.0, 0.0, 0.2, -0.5])
+
+
+def test_a_residual_within_the_deadband_leaves_the_retrieval_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Small residuals of either sign all over the lifetime: what a residual trained on a few
+    # records does on the units no record measured.
+    def noisy(net: LensNet, inputs: UnitInputs) -> np.ndarray:
+        return np.random.default_rng(len(inputs.lods)).uniform(-0.3, 0.3, len(inputs.lods))
+
+    monkeypatch.setattr(policies, "score_units", noisy)
+    tree = with_needles(6000, {1234: NEEDLE})
+    net, words = LensNet(LensNetConfig(hidden_size=HIDDEN)), np.array([NEEDLE])
+    retrieval = ContextChooser(net).choose(tree, "retrieval", BUDGET, TAIL, query=words)
+    for band, same in ((0.0, False), (0.3, True)):
+        lens = ContextChooser(net, FocusConfig(residual_deadband=band)).choose(
+            tree, "lens", BUDGET, TAIL, query=words
+        )
+        signatures = (lens.working_context.signature(), retrieval.working_context.signature())
+        assert (signatures[0] == signatures[1]) == same
 
 
 def test_a_residual_cannot_collapse_the_retrieved_blocks_to_expand_gists(
@@ -106,7 +133,7 @@ def test_a_residual_cannot_collapse_the_retrieved_blocks_to_expand_gists(
     # A residual that wants every gist finer and every raw block gone, the way one trained on a
     # few records wanted the neighbour holding half a fact gone.
     def eager(net: LensNet, inputs: UnitInputs) -> np.ndarray:
-        return np.where(inputs.lods.numpy() == 0, -0.9, 0.9)
+        return np.where(inputs.lods.numpy() == 0, -1.5, 1.5)
 
     monkeypatch.setattr(policies, "score_units", eager)
     tree = with_needles(6000, {1234: NEEDLE})
